@@ -1,0 +1,8 @@
+"""Small single-purpose layers (timm style): pooling and its functional twins."""
+from .generalized_mean import ChannelGeM, GeM, GGeM, clamp_p, ggem, ggem_reference
+from .pools import AttnPool, AvgPool, MaxPool, TokenPool, build_pool, list_pools, register_pool
+
+__all__ = [
+    "ggem", "ggem_reference", "clamp_p", "GGeM", "GeM", "ChannelGeM",
+    "TokenPool", "AvgPool", "MaxPool", "AttnPool", "build_pool", "list_pools", "register_pool",
+]

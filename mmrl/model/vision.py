@@ -1,0 +1,120 @@
+"""ViT image towers that pool with the mmrl pooling registry (GGeM and friends).
+
+:class:`PooledVisionTransformer` is an ``open_clip.transformer.VisionTransformer``:
+same parameters, same state-dict keys, same ``forward`` / ``forward_intermediates``
+/ ``lock`` / grad checkpointing; only ``_global_pool`` changes. The pooler lives at
+``visual.pooler`` (GGeM's exponents are ``visual.pooler.p``). The class token is
+computed as in open_clip and used only by ``pool_type='tok'``; every other kind pools
+the patch tokens. The final LayerNorm's position follows open_clip's
+``final_ln_after_pool`` (default False: ``ln_post`` on the tokens, then pool).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from functools import partial
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from open_clip.model import CLIPVisionCfg
+from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, VisionTransformer
+from torch import nn
+
+from ..layers.pools import build_pool, list_pools
+
+__all__ = ["PooledVisionTransformer", "build_vision_tower", "MMRL_VISION_KEYS"]
+
+# keys mmrl adds to open_clip's vision_cfg schema
+MMRL_VISION_KEYS = ("pool_kwargs",)
+_OPEN_CLIP_VISION_KEYS = {f.name for f in fields(CLIPVisionCfg)}
+
+
+class PooledVisionTransformer(VisionTransformer):
+    """open_clip ViT whose global pooling is any registered pool kind."""
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float,
+        *,
+        pool_type: str = "ggem",
+        pool_kwargs: Optional[Dict[str, Any]] = None,
+        **kwargs,
+    ):
+        if kwargs.get("attentional_pool"):
+            raise ValueError("PooledVisionTransformer: use pool_type='attn' instead of open_clip's attentional_pool")
+        if pool_type not in list_pools():
+            raise ValueError(f"unknown pool_type {pool_type!r}; expected one of {list_pools()}")
+        # open_clip only accepts tok/avg/none; build as 'avg' and install our pooler
+        super().__init__(image_size, patch_size, width, layers, heads, mlp_ratio, pool_type="avg", **kwargs)
+        self.pool_type = pool_type
+        self.pool_kwargs = dict(pool_kwargs or {})
+        self.pooler = build_pool(pool_type, width, heads, **self.pool_kwargs)
+
+    def _global_pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = x[:, 1:]
+        pooled = self.pooler(x if self.pooler.uses_class_token else tokens)
+        return pooled, tokens
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
+        super().lock(unlocked_groups, freeze_bn_stats)
+        if unlocked_groups != 0:  # the pooler belongs to the last (head) group
+            for param in self.pooler.parameters():
+                param.requires_grad = True
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set(super().no_weight_decay()) | {f"pooler.{n}" for n, _ in self.pooler.named_parameters() if n == "p"}
+
+
+def build_vision_tower(
+    embed_dim: int,
+    vision_cfg: Dict[str, Any],
+    quick_gelu: bool = False,
+    cast_dtype: Optional[torch.dtype] = None,
+) -> PooledVisionTransformer:
+    """Build the ViT tower exactly as open_clip's ``_build_vision_tower`` would, pooling with mmrl."""
+    cfg = dict(vision_cfg)
+    pool_kwargs = cfg.pop("pool_kwargs", None) or {}
+    unknown = set(cfg) - _OPEN_CLIP_VISION_KEYS
+    if unknown:
+        raise ValueError(f"vision_cfg: unknown keys {sorted(unknown)}")
+    vc = CLIPVisionCfg(**cfg)
+    if vc.timm_model_name or isinstance(vc.layers, (tuple, list)):
+        raise ValueError("mmrl pooling needs an open_clip ViT tower (not a timm or ResNet tower)")
+    act_layer = QuickGELU if quick_gelu else nn.GELU
+    norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
+    if vc.norm_kwargs:
+        norm_layer = partial(norm_layer, **vc.norm_kwargs)
+    if vc.act_kwargs is not None:
+        act_layer = partial(act_layer, **vc.act_kwargs)
+    return PooledVisionTransformer(
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+        width=vc.width,
+        layers=vc.layers,
+        heads=vc.width // vc.head_width,
+        mlp_ratio=vc.mlp_ratio,
+        ls_init_value=vc.ls_init_value,
+        patch_dropout=vc.patch_dropout,
+        attentional_pool=vc.attentional_pool,
+        pos_embed_type=vc.pos_embed_type,
+        no_ln_pre=vc.no_ln_pre,
+        final_ln_after_pool=vc.final_ln_after_pool,
+        pool_type=vc.pool_type,
+        pool_kwargs=pool_kwargs,
+        output_tokens=vc.output_tokens,
+        output_dim=embed_dim,
+        act_layer=act_layer,
+        norm_layer=norm_layer,
+        block_type=vc.block_type,
+        qk_norm=vc.qk_norm,
+        scaled_cosine_attn=vc.scaled_cosine_attn,
+        scale_heads=vc.scale_heads,
+        scale_attn_inner=vc.scale_attn_inner,
+        scale_attn=vc.scale_attn,
+        scale_fc=vc.scale_fc,
+    )
