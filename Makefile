@@ -10,8 +10,9 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo 'installing mmrl and its dependencies into  (the first time takes a few minutes)'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
