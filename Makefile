@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@echo 'installing mmrl and its dependencies into  (the first time takes a few minutes)'
+	@echo 'installing mmrl and its dependencies into .venv (the first time takes a few minutes)'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
