@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -10,85 +9,26 @@ Command = Callable[[argparse.Namespace], int]
 _COMMANDS: Dict[str, tuple] = {}
 
 
-def command(name: str, help: str):
-    """Register ``fn(args) -> exit code`` with an ``add_arguments(parser)`` attribute."""
+def command(name: str, help: str, arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None):
+    """Register ``fn(args) -> exit code`` as ``mmrl NAME``; ``arguments(parser)`` adds its options."""
 
     def wrap(fn):
-        _COMMANDS[name] = (fn, help)
+        _COMMANDS[name] = (fn, help, arguments)
         return fn
 
     return wrap
 
 
-def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--all", action="store_true", help="also list open_clip's ViT configs")
-
-
-@command("models", "list model architectures")
-def cmd_models(args: argparse.Namespace) -> int:
-    from .model.factory import _MODEL_CONFIGS, list_models
-
-    for name in list_models() if args.all else sorted(_MODEL_CONFIGS):
-        print(name)
-    return 0
-
-
-cmd_models.add_arguments = _models_args
-
-
-@command("pools", "list pooling kinds")
-def cmd_pools(args: argparse.Namespace) -> int:
-    from .pooling import list_pools
-
-    print("\n".join(list_pools()))
-    return 0
-
-
-def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="folder written by mmrl.save_model")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-@command("info", "describe a saved model: architecture, pooling, learned exponents")
-def cmd_info(args: argparse.Namespace) -> int:
-    from .model.io import load_model
-
-    model, _, _ = load_model(args.path)
-    vc = model.mmrl_cfg["model_cfg"]["vision_cfg"]
-    pooler = model.visual.pooler
-    info = {
-        "name": model.mmrl_cfg.get("name", ""),
-        "class": type(model).__name__,
-        "pool": vc.get("pool_type"),
-        "pool_kwargs": vc.get("pool_kwargs", {}),
-        "final_ln_after_pool": vc.get("final_ln_after_pool", False),
-        "image_size": model.visual.image_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "logit_scale": float(model.logit_scale.detach().exp()),
-    }
-    if hasattr(pooler, "p"):
-        info["p"] = [round(float(v), 4) for v in pooler.effective_p().detach()]
-    if args.json:
-        print(json.dumps(info))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
-            print(f"{key:<{width}}  {value}")
-    return 0
-
-
-cmd_info.add_arguments = _info_args
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__, commands  # noqa: F401  (registers the commands)
 
     parser = argparse.ArgumentParser(prog="mmrl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mmrl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (fn, help_text) in _COMMANDS.items():
+    for name, (fn, help_text, arguments) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(fn, "add_arguments", lambda _: None)(p)
+        if arguments is not None:
+            arguments(p)
         p.set_defaults(func=fn)
     return parser
 

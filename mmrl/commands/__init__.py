@@ -1,0 +1,2 @@
+"""The ``mmrl`` subcommands; importing this package registers them with :mod:`mmrl.cli`."""
+from . import models, shard  # noqa: F401

@@ -1,0 +1,65 @@
+"""``mmrl models``, ``mmrl pools``, ``mmrl info``: what architectures and models there are."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..cli import command
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="also list open_clip's ViT configs")
+
+
+@command("models", "list model architectures", _models_args)
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..model.factory import _MODEL_CONFIGS, list_models
+
+    for name in list_models() if args.all else sorted(_MODEL_CONFIGS):
+        print(name)
+    return 0
+
+
+
+@command("pools", "list pooling kinds")
+def cmd_pools(args: argparse.Namespace) -> int:
+    from ..pooling import list_pools
+
+    print("\n".join(list_pools()))
+    return 0
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="folder written by mmrl.save_model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("info", "describe a saved model: architecture, pooling, learned exponents", _info_args)
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..model.io import load_model
+
+    model, _, _ = load_model(args.path)
+    vc = model.mmrl_cfg["model_cfg"]["vision_cfg"]
+    pooler = model.visual.pooler
+    info = {
+        "name": model.mmrl_cfg.get("name", ""),
+        "class": type(model).__name__,
+        "pool": vc.get("pool_type"),
+        "pool_kwargs": vc.get("pool_kwargs", {}),
+        "final_ln_after_pool": vc.get("final_ln_after_pool", False),
+        "image_size": model.visual.image_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "logit_scale": float(model.logit_scale.detach().exp()),
+    }
+    if hasattr(pooler, "p"):
+        info["p"] = [round(float(v), 4) for v in pooler.effective_p().detach()]
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+
