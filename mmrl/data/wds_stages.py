@@ -1,0 +1,240 @@
+"""Stream stages of the training loader: shards -> raw samples -> shuffled raw samples.
+
+Everything here runs inside one data-loading worker (or in the main process when
+``workers=0``) and is a plain generator, so the stages compose by nesting calls.
+
+Shard sources
+    :func:`epoch_shards` -- this worker's share of one epoch: every shard of every source,
+    shuffled identically on all ranks (seeded by ``(seed, epoch)``), split by rank and then
+    by worker. When the worker's share runs out before the epoch's batch count is reached it
+    starts another pass over the same shards in a new order (open_clip's "wrap").
+
+    :func:`resampled_shards` -- an endless weighted draw with replacement, seeded by
+    ``(seed, rank, stream, segment)``.
+
+Tar -> samples (:func:`shard_samples`)
+    webdataset 1.x's ``tar_file_expander`` ends every shard with an end-of-shard marker (an
+    empty dict, ``eof_value={}``) that 0.2.x-style grouping code (open_clip's
+    ``group_by_keys_nothrow``) reads as a file and crashes on with ``KeyError: 'fname'``.
+    Here each shard is expanded on its own with ``eof_value=None`` and grouped by our own
+    code, so a sample can never span two shards and no marker reaches the grouping. Opening
+    and reading errors go to a webdataset handler (:class:`ShardErrorHandler`) that counts
+    the shard as bad and continues: a truncated or corrupt tar yields the samples before the
+    damage and is never fatal.
+
+Shuffle (:func:`shuffle_samples`)
+    A sample shuffle buffer on raw (undecoded) samples, seeded explicitly.
+
+Counters and fail-fast (:class:`StreamStats`)
+    Counts skipped samples by reason and bad shards, and raises :class:`LoaderStallError`
+    naming the shards when ``max_consecutive_bad_samples`` samples in a row were unusable or
+    ``max_consecutive_bad_shards`` shards in a row yielded no sample at all -- a stream of
+    bad data fails within a bounded amount of work instead of hanging the trainer.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter, deque
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+
+__all__ = [
+    "LoaderStallError", "StreamStats", "ShardErrorHandler", "derive_seed", "epoch_passes",
+    "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "SAMPLE_SKIP_REASONS",
+]
+
+log = logging.getLogger(__name__)
+
+# why a sample was skipped (counted per sample); "bad_shards" counts shards, not samples
+SAMPLE_SKIP_REASONS = ("no_image", "no_caption", "bad_image")
+
+
+class LoaderStallError(RuntimeError):
+    """The stream produced no usable sample for too long (bad data, wrong keys, missing files)."""
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints/strings (stable across processes and runs,
+    unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class StreamStats:
+    """Per-worker counters plus the fail-fast guard.
+
+    ``counts`` accumulates since the previous :meth:`take_delta`; the batch builder attaches
+    that delta to each batch so counts survive the worker -> main-process hop.
+    """
+
+    def __init__(self, max_consecutive_bad_samples: int, max_consecutive_bad_shards: int):
+        self.max_bad_samples = max(1, int(max_consecutive_bad_samples))
+        self.max_bad_shards = max(1, int(max_consecutive_bad_shards))
+        self.counts: Counter = Counter()
+        self.bad_sample_run = 0
+        self.bad_shard_run = 0
+        self.run_shards: deque = deque(maxlen=6)  # shards involved in the current bad run
+        self.run_reasons: Counter = Counter()
+        self.last_error = ""
+        self.logged_errors = 0
+
+    # -- samples ---------------------------------------------------------------------------
+    def skip(self, reason: str, url: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        self.bad_sample_run += 1
+        self.run_reasons[reason] += 1
+        if detail:
+            self.last_error = f"{reason}: {detail}"
+        if url not in self.run_shards:
+            self.run_shards.append(url)
+        if self.bad_sample_run >= self.max_bad_samples:
+            raise LoaderStallError(
+                f"{self.bad_sample_run} consecutive samples were unusable "
+                f"(max_consecutive_bad_samples={self.max_bad_samples}; {dict(self.run_reasons)}) "
+                f"in shards {list(self.run_shards)}"
+                + (f"; last error: {self.last_error}" if self.last_error else "")
+                + ". Check that the shards hold <key>.jpg/.png/.webp images with <key>.txt captions.")
+
+    def good(self) -> None:
+        if self.bad_sample_run:
+            self.bad_sample_run = 0
+            self.run_reasons.clear()
+            self.run_shards.clear()
+
+    # -- shards ----------------------------------------------------------------------------
+    def shard_error(self, url: str, exn: BaseException) -> None:
+        self.last_error = f"{url}: {exn!r}"
+        if self.logged_errors < 20:
+            log.warning("skipping the rest of shard %s: %r", url, exn)
+            self.logged_errors += 1
+
+    def shard_done(self, url: str, n_samples: int, failed: bool) -> None:
+        if failed or n_samples == 0:
+            self.counts["bad_shards"] += 1
+        if n_samples:
+            self.bad_shard_run = 0
+            return
+        self.bad_shard_run += 1
+        if url not in self.run_shards:
+            self.run_shards.append(url)
+        if self.bad_shard_run >= self.max_bad_shards:
+            raise LoaderStallError(
+                f"{self.bad_shard_run} consecutive shards yielded no sample "
+                f"(max_consecutive_bad_shards={self.max_bad_shards}); last shards: {list(self.run_shards)}"
+                + (f"; last error: {self.last_error}" if self.last_error else ""))
+
+    def take_delta(self) -> Dict[str, int]:
+        delta = {k: v for k, v in self.counts.items() if v}
+        self.counts.clear()
+        return delta
+
+
+class ShardErrorHandler:
+    """A webdataset exception handler: records the error against the current shard and tells
+    webdataset to continue with the next file or shard."""
+
+    def __init__(self, stats: StreamStats, url: str):
+        self.stats, self.url, self.failed = stats, url, False
+
+    def __call__(self, exn: BaseException) -> bool:
+        if not self.failed:
+            self.stats.shard_error(self.url, exn)
+        self.failed = True
+        return True
+
+
+def shard_samples(url: str, stats: StreamStats) -> Iterator[dict]:
+    """Raw samples of one tar: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
+
+    Files are grouped by key (everything before the first dot of the basename, webdataset's
+    ``base_plus_ext``); a repeated extension under the same key starts a new sample (as
+    open_clip tolerates). Errors are counted, never raised.
+    """
+    handler = ShardErrorHandler(stats, url)
+    files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler, eof_value=None)
+    n = 0
+    current: Optional[dict] = None
+    for item in files:
+        fname = item.get("fname") if isinstance(item, dict) else None
+        if fname is None:  # any marker or foreign item: not a file
+            continue
+        key, ext = base_plus_ext(fname)
+        if key is None:
+            continue
+        ext = ext.lower()
+        if current is None or key != current["__key__"] or ext in current:
+            if current is not None:
+                n += 1
+                yield current
+            current = {"__key__": key, "__url__": url}
+        current[ext] = item["data"]
+    # account for the shard before handing out its last sample: a consumer that stops right
+    # after it (the worker's last batch) must not lose the shard's error count
+    stats.shard_done(url, n + (current is not None), handler.failed)
+    if current is not None:
+        yield current
+
+
+def stream_samples(urls: Iterable[str], stats: StreamStats) -> Iterator[dict]:
+    """Raw samples of a sequence of shards, in order."""
+    for url in urls:
+        yield from shard_samples(url, stats)
+
+
+def epoch_passes(shards: Sequence[str], *, seed: int, epoch: int, rank: int, world_size: int,
+                 stream: int, num_streams: int) -> Iterator[List[str]]:
+    """This stream's shards for one epoch, as an endless sequence of passes (lists of shards):
+    the first pass is this stream's share of the epoch's shard order, each further pass (the
+    "wrap" when the share runs short of the epoch's batch count) reshuffles the same share."""
+    order = list(shards)
+    random.Random(derive_seed(seed, "epoch-shards", epoch)).shuffle(order)  # same on all ranks
+    mine = order[rank::world_size][stream::num_streams]
+    if not mine:
+        raise ValueError(f"no shard for rank {rank} stream {stream}: {len(shards)} shards")
+    n_pass = 0
+    while True:
+        yield list(mine)
+        n_pass += 1
+        mine = list(mine)
+        random.Random(derive_seed(seed, "epoch-pass", epoch, rank, stream, n_pass)).shuffle(mine)
+
+
+def resampled_shards(shards: Sequence[str], weights: Optional[Sequence[float]], *, seed: int, rank: int,
+                     stream: int, segment: int) -> Iterator[str]:
+    """Endless draw of shards with replacement, ``P(shard) ~ weights``."""
+    rng = random.Random(derive_seed(seed, "resampled-shards", rank, stream, segment))
+    shards = list(shards)
+    if weights is None:
+        while True:
+            yield rng.choice(shards)
+    cum: List[float] = []
+    total = 0.0
+    for w in weights:
+        total += w
+        cum.append(total)
+    while True:
+        # draw in chunks: one bisect per shard, no per-draw list building
+        yield from rng.choices(shards, cum_weights=cum, k=64)
+
+
+def shuffle_samples(samples: Iterable[dict], bufsize: int, initial: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle buffer: fills to ``initial``, then grows to ``bufsize`` while emitting one random
+    sample for every two read; at the end the remainder comes out in random order."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    initial = max(1, min(initial, bufsize))
+    buf: List[dict] = []
+    emitted = 0
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) > min(bufsize, initial + emitted):
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            emitted += 1
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
