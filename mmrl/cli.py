@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mmrl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mmrl {__version__}")
+    # the deepspeed launcher passes --local_rank=N before the command
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, help_text, arguments) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,181 @@
+"""Training throughput on this machine: mmrl train vs open_clip's trainer, MFU, 2 processes vs 1.
+
+One run, the same tiny fp32 model (mmrl-vit-tiny-p8-64: ViT w192 x4 patch 8 at 64 px + text
+w256 x4), batch 64 and the same webdataset shards (built here: 256 px JPEGs of coloured shapes):
+
+1. peak fp32 matmul GFLOP/s of this machine (2048^3 matmuls, all threads);
+2. ``mmrl train`` in one process (DeepSpeed engine, ZeRO 0), pool ``tok`` -- the architecture
+   open_clip builds -- and pool ``ggem``; samples/s from its log, warm-up window dropped;
+3. open_clip's trainer (``python -m open_clip_train.main``) on the same shards; when its
+   webdataset path cannot run with webdataset 1.x it is re-run with ``--dataset-type synthetic``
+   (no decoding at all, which favours it) and the output says so;
+4. ``mmrl train`` on 2 processes (torchrun, gloo) at the same global batch (2 x 32).
+
+MFU = model FLOPs per step (counted with torch's FlopCounterMode on a forward+backward) x steps/s
+/ measured peak. The last line printed is JSON:
+  {"train_over_open_clip": R, "mfu": M, "two_proc_speedup": S}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "mmrl-vit-tiny-p8-64"
+BATCH = 64
+OPEN_CLIP_LAUNCHER = (
+    "import sys, mmrl  # registers mmrl's architectures with open_clip\n"
+    "from open_clip_train.main import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def peak_matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def step_flops() -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import mmrl
+
+    model = mmrl.create_model(MODEL, pool="ggem")
+    tokenizer = mmrl.get_tokenizer(MODEL)
+    images = torch.randn(BATCH, 3, 64, 64)
+    texts = tokenizer([f"a photo number {i}" for i in range(BATCH)])
+    with FlopCounterMode(display=False) as counter:
+        image_f, text_f, scale = model(images, texts)
+        (image_f @ text_f.T * scale).logsumexp(1).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def build_shards(folder: Path, n: int = 2048) -> str:
+    from mmrl.data import ImageTextRecord
+    from mmrl.data.shards import build_shards as build
+
+    rng = np.random.default_rng(0)
+    colors = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220), "yellow": (230, 210, 30)}
+    records = []
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:256, :256]
+    for i in tqdm(range(n), desc="images", unit="img"):
+        name = list(colors)[i % 4]
+        img = rng.integers(0, 60, (256, 256, 3)).astype(np.uint8) + 180
+        r = 40 + (i * 7) % 60
+        img[(yy - 128) ** 2 + (xx - 128 + (i % 50)) ** 2 < r * r] = colors[name]
+        path = folder / "img" / f"{i}.jpg"
+        Image.fromarray(img).save(path, quality=90)
+        records.append(ImageTextRecord(str(path), [f"a {name} disc, picture {i}"]))
+    build(records, folder / "shards", shard_size=256, progress=False)
+    return str(folder / "shards" / f"{{00000..{n // 256 - 1:05d}}}.tar")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mmrl(shards: str, out: Path, steps: int, nproc: int, pool: str) -> float:
+    args = ["-m", "mmrl", "train", str(ROOT / "configs" / "tiny.yaml"), f"data.train={shards}",
+            f"batch_size={BATCH // nproc}", f"max_steps={steps}", f"pool={pool}", "workers=1", "log_every=5",
+            "save_every=100000", f"output_dir={out}", "resume=null"]
+    env = dict(os.environ)
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *args]
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+    else:
+        cmd = [sys.executable, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmrl train failed:\n{proc.stderr[-3000:]}")
+    rates = [json.loads(line)["samples_per_s"] for line in (out / "log.jsonl").read_text().splitlines()]
+    return statistics.median(rates[1:])  # first window includes start-up
+
+
+def run_open_clip(shards: str, out: Path, steps: int, synthetic: bool) -> float:
+    launcher = out / "launch_open_clip.py"
+    out.mkdir(parents=True, exist_ok=True)
+    launcher.write_text(OPEN_CLIP_LAUNCHER)
+    args = [sys.executable, str(launcher), "--model", MODEL, "--batch-size", str(BATCH), "--epochs", "1",
+            "--train-num-samples", str(BATCH * steps), "--workers", "1", "--precision", "fp32", "--lr", "5e-4",
+            "--warmup", "20", "--log-every-n-steps", "5", "--logs", str(out), "--name", "oc", "--save-frequency", "0",
+            "--report-to", "", "--zeroshot-frequency", "0", "--val-frequency", "0", "--local-loss", "--gather-with-grad"]
+    if synthetic:
+        args += ["--dataset-type", "synthetic"]
+    else:
+        args += ["--dataset-type", "webdataset", "--train-data", shards]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=out)
+    text = proc.stdout + proc.stderr + "".join(p.read_text() for p in out.rglob("out.log"))
+    rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", text)]
+    if proc.returncode != 0 or len(rates) < 2:
+        tail = "\n".join(line for line in text.splitlines()[-8:])
+        raise RuntimeError(f"open_clip trainer failed (exit {proc.returncode}):\n{tail}")
+    return statistics.median(rates[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="training steps per measured run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    peak = peak_matmul_gflops()
+    flops = step_flops()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards = build_shards(tmp / "data")
+        runs = {}
+        for name, fn in tqdm([
+            ("mmrl train, 1 process, pool tok", lambda: run_mmrl(shards, tmp / "m1", args.steps, 1, "tok")),
+            ("mmrl train, 1 process, pool ggem", lambda: run_mmrl(shards, tmp / "m2", args.steps, 1, "ggem")),
+            ("mmrl train, 2 processes, pool tok", lambda: run_mmrl(shards, tmp / "m3", args.steps, 2, "tok")),
+        ], desc="training runs", unit="run"):
+            runs[name] = fn()
+        note = "webdataset shards"
+        try:
+            runs["open_clip trainer, pool tok"] = run_open_clip(shards, tmp / "oc", args.steps, synthetic=False)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1][:160]
+            note = f"--dataset-type synthetic (its webdataset path failed with webdataset 1.x: {first})"
+            runs["open_clip trainer, pool tok"] = run_open_clip(shards, tmp / "oc2", args.steps, synthetic=True)
+    ours, base = runs["mmrl train, 1 process, pool tok"], runs["open_clip trainer, pool tok"]
+    result = {
+        "train_over_open_clip": round(ours / base, 3),
+        "mfu": round(flops / BATCH * ours / (peak * 1e9), 3),
+        "two_proc_speedup": round(runs["mmrl train, 2 processes, pool tok"] / ours, 3),
+    }
+    print(f"\nfp32 matmul peak: {peak:.1f} GFLOP/s; model: {flops / 1e9:.2f} GFLOP per step of {BATCH} "
+          f"(forward+backward); open_clip baseline data: {note}")
+    print(f"{'run':<40}{'samples/s':>12}{'GFLOP/s':>10}")
+    for name, rate in runs.items():
+        print(f"{name:<40}{rate:>12.1f}{flops / BATCH * rate / 1e9:>10.1f}")
+    for key, bound in (("train_over_open_clip", 1.0), ("mfu", 0.6)):
+        print(f"target {key} >= {bound}: {'met' if result[key] >= bound else 'NOT met'} ({result[key]})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

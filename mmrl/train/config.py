@@ -1,0 +1,97 @@
+"""``mmrl train`` configuration: one typed dataclass, YAML + ``key=value`` overrides (mmrl.config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from ..config import ConfigError
+
+__all__ = ["DataConfig", "TrainConfig"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                      # shard pattern(s); braces expand, "::" joins sources
+    weights: Optional[str] = None        # per-source weights "1::3" (resampled mode)
+    resampled: bool = True               # infinite weighted resampling (False: epochs over the shards)
+    num_samples: Optional[int] = None    # samples per epoch; default from sizes.json
+    shuffle_buffer: int = 2000           # sample shuffle buffer (epoch mode)
+    max_bad_samples: int = 1000          # consecutive bad samples before failing fast
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "mmrl-vit-tiny-p8-64"
+    pool: str = "ggem"
+    pool_kwargs: Dict[str, Any] = field(default_factory=dict)
+    final_ln_after_pool: bool = False
+    lock_text: bool = False
+    # data
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 64                 # per rank, per micro-step
+    workers: int = 2                     # data-loading processes per rank
+    # schedule
+    max_steps: Optional[int] = None      # optimizer steps; with epochs, whichever ends first
+    epochs: Optional[int] = None
+    lr: float = 5e-4
+    p_lr_mult: float = 1.0               # learning-rate multiplier for GGeM's exponents
+    weight_decay: float = 0.2
+    warmup_steps: int = 100
+    betas: Tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-6
+    grad_clip: float = 1.0
+    # engine
+    precision: str = "fp32"
+    zero_stage: int = 0
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    # loss
+    loss: str = "clip"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    # checkpoints and logging
+    save_every: int = 1000               # optimizer steps between checkpoints
+    keep_last: int = 3
+    resume: Optional[str] = "auto"       # "auto", a checkpoint folder, or null
+    output_dir: str = "runs/train"
+    log_every: int = 10
+    max_nonfinite_steps: int = 20        # consecutive skipped (non-finite) steps before aborting
+    seed: int = 0
+
+    def validate(self) -> None:
+        def bad(key: str, expected: str, got: Any) -> ConfigError:
+            return ConfigError(f"config key {key!r}: expected {expected}, got {got!r}")
+
+        if self.precision not in PRECISIONS:
+            raise bad("precision", " or ".join(PRECISIONS), self.precision)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise bad("zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        if self.loss not in LOSSES:
+            raise bad("loss", " or ".join(LOSSES), self.loss)
+        for key in ("batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, key) < 1:
+                raise bad(key, "an integer >= 1", getattr(self, key))
+        if self.workers < 0:
+            raise bad("workers", "an integer >= 0", self.workers)
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("config keys 'max_steps' / 'epochs': set at least one")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad("max_steps", "an integer >= 1", self.max_steps)
+        if self.epochs is not None and self.epochs < 1:
+            raise bad("epochs", "an integer >= 1", self.epochs)
+        if self.lr <= 0:
+            raise bad("lr", "a positive float", self.lr)
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", "an integer >= 0", self.warmup_steps)
+        if len(self.betas) != 2:
+            raise bad("betas", "two floats", self.betas)
+        if self.resume not in (None, "auto") and not isinstance(self.resume, str):
+            raise bad("resume", "'auto', a checkpoint path or null", self.resume)
+        if not self.data.train:
+            raise ConfigError("config key 'data.train': set the training shards (e.g. data.train='shards/{00000..00009}.tar')")
+        if self.data.weights is not None and len(self.data.weights.split("::")) != len(self.data.train.split("::")):
+            raise ConfigError("config key 'data.weights': give one weight per '::'-separated source in data.train")

@@ -1,0 +1,98 @@
+"""Process group set-up and the in-memory DeepSpeed config.
+
+Launchers: none (one process), ``torchrun``, the ``deepspeed`` launcher (both set ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) or SLURM (``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` from the first host of the job). The backend
+is nccl when CUDA is available, gloo otherwise. The DeepSpeed config is a dict handed to
+``deepspeed.initialize``; nothing is written to the working directory.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import torch
+
+from .config import TrainConfig
+
+__all__ = ["DistInfo", "dist_info_from_env", "init_distributed", "deepspeed_config", "device_for"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env() -> DistInfo:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        info = DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+        if "MASTER_ADDR" not in env:
+            nodes = env.get("SLURM_JOB_NODELIST", "localhost")
+            try:
+                first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                       check=True).stdout.split()[0]
+            except (OSError, subprocess.CalledProcessError, IndexError):
+                first = nodes.split(",")[0]
+            os.environ["MASTER_ADDR"] = first
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return info
+    return DistInfo()
+
+
+def device_for(info: DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(info: DistInfo) -> None:
+    """Create the default process group (also for one process: DeepSpeed expects one)."""
+    import deepspeed
+
+    if info.world_size == 1:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:  # a free port, so parallel single-process runs do not collide
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
+    zero: Dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
+    if cfg.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }

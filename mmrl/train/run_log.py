@@ -1,0 +1,72 @@
+"""Rank-0 training log: a progress bar (samples/s, loss, ETA), TensorBoard events and a JSONL file."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from tqdm import tqdm
+
+__all__ = ["RunLog"]
+
+
+class RunLog:
+    """Writes nothing on ranks other than 0."""
+
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.jsonl = None
+        self.tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "log.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard not installed: JSONL and the bar still work
+                self.tb = None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                        dynamic_ncols=True)
+
+    def step(self, step: int, postfix: Dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def record(self, step: int, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        self.jsonl.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                    for i, v in enumerate(value):
+                        self.tb.add_scalar(f"train/{key}/{i}", v, step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.bar = self.jsonl = self.tb = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass

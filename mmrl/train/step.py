@@ -1,0 +1,72 @@
+"""One optimizer step of contrastive training on a DeepSpeed engine.
+
+With ``grad_accum > 1`` micro-batches, the loss still sees the whole accumulated batch as
+negatives (open_clip's scheme): every micro-batch is first encoded without gradients, then each
+is re-encoded with gradients and the loss over the full batch -- its own features live, the
+others cached -- is back-propagated without DeepSpeed's 1/grad_accum scaling. The sum of these
+gradients is exactly the gradient of the full-batch loss (the temperature's gradient is taken
+once, in the first micro-step), so ``grad_accum=2`` with batch B updates the parameters like
+batch 2B. The cost is one extra no-grad forward per micro-batch.
+
+Before any backward, the ranks agree through one all-reduce on (a) whether the loss is
+non-finite on any rank -- then the step is skipped on all of them, keeping DeepSpeed's
+counters and the ranks in step -- and (b) whether a stop was requested anywhere.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["contrastive_step", "agree"]
+
+
+def agree(nonfinite: bool, stop: bool, device) -> Tuple[bool, bool]:
+    """(any rank non-finite, any rank asked to stop)."""
+    flags = torch.tensor([float(nonfinite), float(stop)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def _encode(engine, batch, device, dtype):
+    images = batch["image"].to(device, dtype=dtype, non_blocking=True)
+    texts = batch["text"].to(device, non_blocking=True)
+    return engine(images, texts)
+
+
+def _loss(loss_fn, image_f, text_f, scale, bias):
+    return loss_fn(image_f.float(), text_f.float(), scale.float(), None if bias is None else bias.float())
+
+
+def contrastive_step(engine, loss_fn, batches: List[dict], device, dtype, stop: bool = False) -> Tuple[Optional[torch.Tensor], bool]:
+    """Run one optimizer step over ``batches`` (this rank's micro-batches, dicts with ``image``
+    and ``text``). Returns (full-batch loss, or None when skipped as non-finite; stop agreed)."""
+    if len(batches) == 1:
+        image_f, text_f, scale, bias = _encode(engine, batches[0], device, dtype)
+        loss = _loss(loss_fn, image_f, text_f, scale, bias)
+        nonfinite, stop = agree(not torch.isfinite(loss).item(), stop, device)
+        if nonfinite:
+            return None, stop
+        engine.backward(loss)
+        engine.step()
+        return loss.detach(), stop
+    with torch.no_grad():
+        cached = [_encode(engine, b, device, dtype) for b in batches]
+        all_image = [c[0] for c in cached]
+        all_text = [c[1] for c in cached]
+        full = _loss(loss_fn, torch.cat(all_image), torch.cat(all_text), cached[0][2], cached[0][3])
+    nonfinite, stop = agree(not torch.isfinite(full).item(), stop, device)
+    if nonfinite:
+        return None, stop
+    for j, batch in enumerate(batches):
+        image_f, text_f, scale, bias = _encode(engine, batch, device, dtype)
+        if j > 0:
+            scale = scale.detach()
+            bias = None if bias is None else bias.detach()
+        images = torch.cat(all_image[:j] + [image_f] + all_image[j + 1:])
+        texts = torch.cat(all_text[:j] + [text_f] + all_text[j + 1:])
+        engine.backward(_loss(loss_fn, images, texts, scale, bias), scale_wrt_gas=False)
+        engine.step()
+    return full.detach(), stop

@@ -1,0 +1,226 @@
+"""``mmrl train``: the DeepSpeed training loop.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` per rank
+(:func:`mmrl.train.step.contrastive_step`: full-batch negatives under accumulation, and one
+all-rank agreement per step on a non-finite loss -- the step is skipped everywhere, counted,
+and too many in a row abort -- and on a pending SIGTERM/SIGINT -- a checkpoint is saved and
+the run exits cleanly). Checkpoints every ``save_every`` steps (:mod:`.checkpoint`),
+``resume=auto`` continues model, optimizer, schedule, step and data position; the end of the
+run exports the consolidated model with ``mmrl.save_model`` to ``OUTPUT/model``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import save_config
+from ..data.loader import LoaderConfig, make_train_loader
+from ..model import create_model, create_transforms, get_tokenizer, save_model
+from .checkpoint import CheckpointManager
+from .config import TrainConfig
+from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_env, init_distributed
+from .module import ContrastiveModule, make_loss
+from .optim import make_optimizer, warmup_cosine
+from .params import full_state_dict, gathered_values
+from .run_log import RunLog
+from .step import contrastive_step
+
+__all__ = ["train", "TrainingAborted"]
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _loader_config(cfg: TrainConfig) -> LoaderConfig:
+    return LoaderConfig(
+        train=cfg.data.train, batch_size=cfg.batch_size, weights=cfg.data.weights, resampled=cfg.data.resampled,
+        num_samples=cfg.data.num_samples, workers=cfg.workers, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        max_consecutive_bad_samples=cfg.data.max_bad_samples,
+    )
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        import deepspeed
+
+        self.cfg, self.info = cfg, info
+        self.device = device_for(info)
+        self.out = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        extra = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0} if cfg.loss == "siglip" else {}
+        model = create_model(cfg.model, cfg.pool, pool_kwargs=cfg.pool_kwargs or None,
+                             final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text, **extra)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.model = model
+        self.preprocess, _ = create_transforms(model)
+        self.tokenizer = get_tokenizer(model.mmrl_cfg["model_cfg"])
+        self.module = ContrastiveModule(model)
+        self.loss_fn = make_loss(cfg.loss, cfg.local_loss, cfg.gather_with_grad, info.rank, info.world_size)
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked loader workers
+        self.loader = make_train_loader(_loader_config(cfg), self.preprocess, self.tokenizer,
+                                        rank=info.rank, world_size=info.world_size)
+        steps_per_epoch = self.loader.num_batches // cfg.grad_accum
+        if steps_per_epoch < 1:
+            raise ValueError(f"an epoch has {self.loader.num_batches} batches per rank, fewer than grad_accum={cfg.grad_accum}")
+        limits = [s for s in (cfg.max_steps, cfg.epochs * steps_per_epoch if cfg.epochs else None) if s]
+        self.total_steps = min(limits)
+        self.steps_per_epoch = steps_per_epoch
+
+        optimizer = make_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps, cfg.p_lr_mult)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, info.world_size), dist_init_required=False)
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main)
+        self.step = 0
+        # micro_batches: batches taken from the loader (skipped steps consume data too)
+        self.state: Dict[str, float] = {"nonfinite_steps": 0, "samples_seen": 0, "micro_batches": 0}
+        root, tag = self.ckpt.resolve(cfg.resume)
+        if tag:
+            client = self.ckpt.load(self.engine, root, tag)
+            self.step = int(client.get("step", 0))
+            self.state.update(client.get("state", {}))
+            if self.state["micro_batches"]:
+                self.loader.close()
+                self.loader = make_train_loader(_loader_config(cfg), self.preprocess, self.tokenizer, rank=info.rank,
+                                                world_size=info.world_size, start_step=int(self.state["micro_batches"]))
+            for reason, n in client.get("skipped", {}).items():
+                self.loader.skipped[reason] = n
+        self.resumed_from = f"{root}/{tag}" if tag else None
+        self.pooler_p = getattr(self.module.model.visual.pooler, "p", None)
+
+    # ------------------------------------------------------------------------------------
+    def micro_batches(self):
+        while True:  # the loader's iter() runs to the end of an epoch and continues with the next
+            for batch in self.loader:
+                yield batch
+
+    def optimizer_step(self, batches: List[dict], stop: bool):
+        return contrastive_step(self.engine, self.loss_fn, batches, self.device, self.dtype, stop)
+
+    def save(self):
+        client = {"step": self.step, "state": dict(self.state), "skipped": dict(self.loader.skipped)}
+        return self.ckpt.save(self.engine, self.step, client)
+
+    def export(self) -> Path:
+        state = full_state_dict(self.engine, self.module, self.cfg.zero_stage)
+        target = self.out / "model"
+        if self.info.is_main:
+            save_model(self.model, target, state_dict=state)
+        if dist.is_initialized():
+            dist.barrier()
+        return target
+
+    def logged_values(self) -> Dict[str, object]:
+        """Temperature and GGeM exponents (gathered: a collective under ZeRO-3, called on all ranks)."""
+        params = [self.module.logit_scale] + ([self.pooler_p] if self.pooler_p is not None else [])
+        values = gathered_values(params, self.cfg.zero_stage)
+        out = {"logit_scale": float(values[0].clamp(max=math.log(100)).exp())}
+        if self.pooler_p is not None:
+            out["ggem_p"] = [round(float(v), 5) for v in values[1].clamp(min=self.module.model.visual.pooler.p_min)]
+        return out
+
+    def run(self) -> Dict[str, object]:
+        cfg, info = self.cfg, self.info
+        log = RunLog(self.out, self.total_steps, self.step, info.is_main)
+        if self.resumed_from:
+            log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        stopper = _StopFlag()
+        stopper.install()
+        stream = self.micro_batches()
+        global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+        consecutive_bad, last_loss, stopped = 0, float("nan"), False
+        window_start, window_steps, window_wait = time.time(), 0, 0.0
+        try:
+            while self.step < self.total_steps:
+                t0 = time.time()
+                batches = [next(stream) for _ in range(cfg.grad_accum)]
+                wait = time.time() - t0
+                self.state["micro_batches"] += cfg.grad_accum
+                lr_used = self.scheduler.get_last_lr()[0]
+                loss, stop = self.optimizer_step(batches, stopper.requested)
+                if loss is None:
+                    consecutive_bad += 1
+                    self.state["nonfinite_steps"] += 1
+                    log.message(f"step {self.step}: non-finite loss on some rank, step skipped")
+                    if consecutive_bad >= cfg.max_nonfinite_steps:
+                        raise TrainingAborted(f"{consecutive_bad} consecutive steps with a non-finite loss "
+                                              f"(at step {self.step}); lower lr or check the data")
+                else:
+                    consecutive_bad, last_loss = 0, float(loss)
+                    self.step += 1
+                    self.state["samples_seen"] += global_batch
+                window_steps += 1
+                window_wait += wait
+                elapsed = time.time() - window_start
+                log.step(self.step, {"loss": f"{last_loss:.4f}", "samples/s": f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}"})
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    values = {"loss": last_loss, "lr": lr_used,
+                              "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
+                              "data_wait_share": window_wait / max(elapsed, 1e-9),
+                              "skipped_samples": self.loader.num_skipped, "skipped_steps": self.state["nonfinite_steps"],
+                              "epoch": (self.step * cfg.grad_accum) // self.loader.num_batches, **self.logged_values()}
+                    log.record(self.step, values)
+                    window_start, window_steps, window_wait = time.time(), 0, 0.0
+                if stop:
+                    log.message(f"stop requested: saving a checkpoint at step {self.step}")
+                    self.save()
+                    stopped = True
+                    break
+                if self.step % cfg.save_every == 0 and loss is not None:
+                    self.save()
+            if not stopped and self.ckpt.latest() != self.ckpt.tag_for(self.step):
+                self.save()
+            model_dir = None if stopped else self.export()
+        finally:
+            stopper.restore()
+            log.close()
+            self.loader.close()
+        summary = {"step": self.step, "total_steps": self.total_steps, "stopped_early": stopped,
+                   "final_loss": last_loss, "skipped_samples": self.loader.num_skipped,
+                   "skipped": dict(self.loader.skipped), "nonfinite_steps": self.state["nonfinite_steps"],
+                   "model_dir": str(model_dir) if model_dir else None}
+        if info.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+
+def train(cfg: TrainConfig) -> Dict[str, object]:
+    """Run training (in every process of the job); returns the run summary."""
+    info = dist_info_from_env()
+    init_distributed(info)
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    trainer = _Trainer(cfg, info)
+    return trainer.run()
