@@ -112,8 +112,10 @@ def step_results(tmp_path_factory):
     captions = [f"a {c} {s} number {i}" for i, (c, s) in enumerate(zip(list(COLORS) * 4, SHAPES * 6))]
     torch.save({"image": torch.randn(16, 3, 64, 64, generator=g), "text": tokenizer(captions[:16])}, tmp / "batch.pt")
     worker = str(ROOT / "tests" / "helpers" / "train_step_worker.py")
-    run(torchrun(1, worker, str(tmp / "batch.pt"), str(tmp), "global:0:1", "accum:0:2", "nan1:0:1:nan"))
-    run(torchrun(2, worker, str(tmp / "batch.pt"), str(tmp), "zero2:2:1", "zero3:3:1", "nan2:2:1:nan"))
+    run(torchrun(1, worker, str(tmp / "batch.pt"), str(tmp), "global:0:1", "accum:0:2", "nan1:0:1:nan",
+                 "sig_global:0:1:siglip"))
+    run(torchrun(2, worker, str(tmp / "batch.pt"), str(tmp), "zero2:2:1", "zero3:3:1", "nan2:2:1:nan",
+                 "sig_zero2:2:1:siglip"))
     return {p.stem: torch.load(p) for p in tmp.glob("*.pt") if p.stem != "batch"}
 
 
@@ -133,6 +135,13 @@ def test_local_loss_gather_with_grad_on_two_ranks_equals_global_batch(step_resul
     ref, two = step_results["global"], step_results[variant]
     assert abs(two["loss"] - ref["loss"]) < 1e-5
     assert_same_update(two["state"], ref["state"])
+
+
+def test_siglip_on_two_ranks_equals_global_batch(step_results):
+    ref, two = step_results["sig_global"], step_results["sig_zero2"]
+    assert abs(two["loss"] - ref["loss"]) < 1e-4
+    assert_same_update(two["state"], ref["state"])
+    assert ref["state"]["logit_bias"].dim() == 0  # exported in open_clip's shape
 
 
 def test_grad_accumulation_equals_the_larger_batch(step_results):

@@ -3,7 +3,7 @@
 configurations; rank 0 saves the consolidated parameters and the global loss of each.
 
 usage: torchrun --nproc_per_node N train_step_worker.py BATCH.pt OUT_DIR VARIANT [VARIANT ...]
-VARIANT = name:zero_stage:grad_accum[:nan]
+VARIANT = name:zero_stage:grad_accum[:nan][:siglip]
 """
 import os
 import sys
@@ -41,11 +41,13 @@ def main():
         cfg = TrainConfig(data=DataConfig(train="unused"), max_steps=1, batch_size=micro, grad_accum=accum,
                           zero_stage=zero, lr=1.0, adam_eps=1.0, warmup_steps=0)
         torch.manual_seed(0)
-        module = ContrastiveModule(create_model("mmrl-vit-tiny-p8-64", "ggem"))
+        siglip = "siglip" in flags
+        extra = {"init_logit_scale": 2.302585, "init_logit_bias": -10.0} if siglip else {}
+        module = ContrastiveModule(create_model("mmrl-vit-tiny-p8-64", "ggem", **extra))
         optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size),
                                                dist_init_required=False)
-        loss_fn = make_loss("clip", True, True, info.rank, info.world_size)
+        loss_fn = make_loss("siglip" if siglip else "clip", True, True, info.rank, info.world_size)
         if "nan" in flags:  # a non-finite loss on the last rank only: every rank must skip
             real = loss_fn
             loss_fn = lambda *a: real(*a) * (float("nan") if info.rank == info.world_size - 1 else 1.0)  # noqa: E731
