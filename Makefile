@@ -20,7 +20,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
-	$(BIN)/python benchmarks/pooling.py
+	for b in pooling loader train eval; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 demo: install
 	@echo "make demo arrives with the demo issue (#6): training and evaluation on the real corpora are not built yet." >&2

@@ -1,0 +1,90 @@
+"""Result files: ``DIR/{dataset}_{task}.json`` in CLIP_benchmark's schema plus a ``protocol`` block.
+
+CLIP_benchmark writes ``{"dataset", "model", "pretrained", "task", "metrics", "language"}``;
+mmrl adds ``protocol`` (split, counts and options of the run) and ``mmrl`` (version, time,
+pooling, weights fingerprint). Values that are not finite numbers are written as ``null``, so
+the file is strict JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .context import ModelInfo
+
+__all__ = ["TASKS", "TASK_OF_COMMAND", "result_path", "write_result", "read_result", "dataset_slug"]
+
+# CLIP_benchmark's task names (and mmrl's image_retrieval)
+TASKS = ("zeroshot_retrieval", "zeroshot_classification", "linear_probe", "image_retrieval")
+TASK_OF_COMMAND = {"retrieval": "zeroshot_retrieval", "zeroshot": "zeroshot_classification",
+                   "linear-probe": "linear_probe", "image-retrieval": "image_retrieval"}
+
+
+def dataset_slug(name: str) -> str:
+    """File-name-safe dataset name (``/`` becomes ``_`` as in CLIP_benchmark)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("/", "_")) or "dataset"
+
+
+def result_path(out_dir: str | os.PathLike, dataset: str, task: str) -> Path:
+    return Path(out_dir) / f"{dataset_slug(dataset)}_{task}.json"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return _clean(value.item())
+        except (TypeError, ValueError):
+            return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_result(out_dir: str | os.PathLike, dataset: str, task: str, metrics: Dict[str, Any], model: ModelInfo,
+                 protocol: Dict[str, Any], *, fingerprint: Optional[str] = None, language: str = "en") -> Path:
+    """Write one result file atomically and return its path."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    from mmrl import __version__
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = result_path(out, dataset, task)
+    record = {
+        "dataset": dataset, "model": model.model, "pretrained": model.pretrained, "task": task,
+        "metrics": _clean(metrics), "language": language, "protocol": _clean(protocol),
+        "mmrl": {"version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pool": model.pool,
+                 "model_source": model.source, "weights_sha256": fingerprint},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(path: str | os.PathLike) -> Dict[str, Any]:
+    """Load a result file, checking the fields every consumer relies on."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON result file ({err})") from err
+    missing = [k for k in ("dataset", "task", "metrics") if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"{path}: not a result file (missing {', '.join(missing)})")
+    if not isinstance(data["metrics"], dict):
+        raise ValueError(f"{path}: 'metrics' is not an object")
+    return data

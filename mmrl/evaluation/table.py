@@ -1,0 +1,127 @@
+"""One table from many result folders: runs side by side, mean +- std over seeds.
+
+Each argument is a folder of result files (``DIR`` or ``LABEL=DIR``). A column's label is
+``LABEL`` or the folder's name without a trailing seed suffix (``-seed1``, ``_seed2``,
+``.seed-3``), so ``runs/ggem-seed0 runs/ggem-seed1 runs/avg-seed0`` give the columns ``ggem``
+(mean +- sample std over 2 seeds) and ``avg``. Rows are (dataset, task, metric). Fractions are
+shown in percent; ``rsum`` (already percent) and the probe's regularisation as they are.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .results import read_result
+
+__all__ = ["DEFAULT_METRICS", "Column", "collect", "build_table", "column_label"]
+
+DEFAULT_METRICS: Dict[str, Tuple[str, ...]] = {
+    "zeroshot_retrieval": ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
+                           "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10", "rsum",
+                           "fold1k_rsum"),
+    "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
+    "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"),
+    "image_retrieval": ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"),
+}
+_RAW = re.compile(r"rsum|l2_lambda|^C$")
+_SEED = re.compile(r"[-_.]seed[-_]?\d+$", re.IGNORECASE)
+
+
+def column_label(arg: str) -> Tuple[str, Path]:
+    """``LABEL=DIR`` -> (LABEL, DIR); ``DIR`` -> (its name without a seed suffix, DIR)."""
+    if "=" in arg and not Path(arg).exists():
+        label, path = arg.split("=", 1)
+        return label, Path(path)
+    path = Path(arg)
+    name = path.resolve().name
+    return _SEED.sub("", name) or name, path
+
+
+@dataclass
+class Column:
+    label: str
+    dirs: List[Path]
+    # (dataset, task) -> metric -> values, one per seed folder
+    values: Dict[Tuple[str, str], Dict[str, List[float]]]
+
+
+def collect(args: Sequence[str]) -> List[Column]:
+    """Read every ``*.json`` result file of the given folders, grouped into columns."""
+    columns: "OrderedDict[str, Column]" = OrderedDict()
+    for arg in args:
+        label, path = column_label(arg)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: results folder not found")
+        files = sorted(p for p in path.glob("*.json") if not p.name.startswith("suite_"))
+        if not files:
+            raise ValueError(f"{path}: no result files (*.json)")
+        col = columns.setdefault(label, Column(label, [], defaultdict(lambda: defaultdict(list))))
+        col.dirs.append(path)
+        for f in files:
+            r = read_result(f)
+            for metric, value in r["metrics"].items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    col.values[(r["dataset"], r["task"])][metric].append(float(value))
+    return list(columns.values())
+
+
+def _stats(values: List[float]) -> Tuple[float, Optional[float], int]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std, n
+
+
+def _fmt(metric: str, mean: float, std: Optional[float], n: int) -> str:
+    if _RAW.search(metric):
+        text = f"{mean:.2f}" if "rsum" in metric else f"{mean:.3g}"
+        sd = "" if std is None else (f" ± {std:.2f}" if "rsum" in metric else f" ± {std:.2g}")
+    else:
+        text, sd = f"{100 * mean:.2f}", ("" if std is None else f" ± {100 * std:.2f}")
+    return text + sd + (f" (n={n})" if n > 1 else "")
+
+
+def build_table(columns: List[Column], metrics: Optional[Sequence[str]] = None, fmt: str = "markdown") -> str:
+    """Markdown (``| dataset | task | metric | col... |``) or CSV (mean, std and n per column)."""
+    keys = sorted({k for c in columns for k in c.values})
+    rows: List[Tuple[str, str, str]] = []
+    for dataset, task in keys:
+        present = {m for c in columns for m in c.values.get((dataset, task), {})}
+        wanted = metrics or DEFAULT_METRICS.get(task) or sorted(present)
+        rows.extend((dataset, task, m) for m in wanted if m in present)
+    if not rows:
+        raise ValueError("none of the requested metrics is in the result files")
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["dataset", "task", "metric"] + [f"{c.label}{s}" for c in columns for s in ("", " std", " n")])
+        for dataset, task, m in rows:
+            cells = []
+            for c in columns:
+                vals = c.values.get((dataset, task), {}).get(m)
+                if vals:
+                    mean, std, n = _stats(vals)
+                    cells += [f"{mean:.6g}", "" if std is None else f"{std:.6g}", str(n)]
+                else:
+                    cells += ["", "", ""]
+            w.writerow([dataset, task, m] + cells)
+        return buf.getvalue()
+    if fmt != "markdown":
+        raise ValueError(f"format must be 'markdown' or 'csv', got {fmt!r}")
+    lines = ["| dataset | task | metric | " + " | ".join(c.label for c in columns) + " |",
+             "|---|---|---|" + "---:|" * len(columns)]
+    for dataset, task, m in rows:
+        cells = []
+        for c in columns:
+            vals = c.values.get((dataset, task), {}).get(m)
+            cells.append(_fmt(m, *_stats(vals)) if vals else "–")
+        lines.append(f"| {dataset} | {task} | {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Values in % (rsum: sum of six recalls in %); mean ± sample std over seed folders where n > 1.")
+    return "\n".join(lines) + "\n"

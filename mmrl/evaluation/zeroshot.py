@@ -1,0 +1,117 @@
+"""Zero-shot classification (CLIP_benchmark's ``zeroshot_classification`` protocol).
+
+The classifier column of a class is the mean of its L2-normalised template embeddings,
+renormalised (one ``encode_text`` batch per class, as CLIP_benchmark); logits are
+``(100 * normalise(encode_image(x))) @ W``. Metrics: ``acc1``, ``acc5`` (only with at least 5
+classes) and ``mean_per_class_recall`` (mean over the classes present in the targets of their
+recall, = scikit-learn's ``balanced_accuracy_score``). Top-K ties are ordered by class index.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .context import EvalModel, RunOptions
+from .features import _autocast, _bar, encode_text_groups
+
+__all__ = ["zero_shot_classifier", "classification_metrics", "evaluate", "run_zeroshot", "true_class_rank"]
+
+
+def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device,
+                         amp: bool = True, progress: bool = False) -> torch.Tensor:
+    """``[D, C]`` text classifier: per class, the renormalised mean of normalised template embeddings."""
+    def reduce(emb: torch.Tensor) -> torch.Tensor:
+        mean = F.normalize(emb, dim=-1).mean(dim=0)
+        return mean / mean.norm()
+
+    groups = [[t.format(c=c) for t in templates] for c in classnames]
+    dev = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return encode_text_groups(model, tokenizer, groups, dev, amp, progress, "zero-shot classifier", reduce).T
+    finally:
+        model.train(was_training)
+
+
+def true_class_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Number of classes ranked above the true class (ties ordered by class index)."""
+    true = logits.gather(1, target[:, None])
+    cols = torch.arange(logits.shape[1])[None, :]
+    return ((logits > true) | ((logits == true) & (cols < target[:, None]))).sum(dim=1)
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_classes: Optional[int] = None,
+                           prefix: str = "") -> Dict[str, float]:
+    """``acc1``, ``acc5`` (with >= 5 classes), ``mean_per_class_recall`` from logits ``[N, C]``."""
+    n_classes = n_classes or logits.shape[1]
+    logits, target = logits.float().cpu(), target.long().cpu()
+    rank = true_class_rank(logits, target)
+    out = {f"{prefix}acc1": (rank < 1).double().mean().item()}
+    if n_classes >= 5:
+        out[f"{prefix}acc5"] = (rank < 5).double().mean().item()
+    correct = (rank == 0).double()
+    per_class = [correct[target == c].mean().item() for c in target.unique().tolist()]
+    out[f"{prefix}mean_per_class_recall"] = sum(per_class) / len(per_class)
+    return out
+
+
+def _logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    return 100.0 * image_features @ classifier
+
+
+def evaluate(model, dataloader, tokenizer, classnames: Sequence[str], templates: Sequence[str], device,
+             amp: bool = True, progress: bool = True) -> Dict[str, float]:
+    """CLIP_benchmark's ``zeroshot_classification.evaluate`` contract (single-label datasets):
+    ``dataloader`` yields ``(images, targets)``; class names and templates are given."""
+    dev = torch.device(device)
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device, amp, progress)
+    logits, targets = [], []
+    with torch.no_grad():
+        for images, target in _bar(dataloader, len(dataloader), "zero-shot", progress):
+            with _autocast(dev, amp):
+                feats = F.normalize(model.encode_image(images.to(dev)), dim=-1)
+                logits.append(_logits(feats, classifier).float().cpu())
+            targets.append(torch.as_tensor(target).cpu())
+    return classification_metrics(torch.cat(logits), torch.cat(targets), len(classnames))
+
+
+def run_zeroshot(em: EvalModel, opts: RunOptions, data: str, *, root: Optional[str] = None, split: str = "test",
+                 classnames: Optional[str] = None, templates: Union[None, str, Path, Sequence[str]] = None,
+                 name: Optional[str] = None) -> Tuple[Path, Dict[str, float]]:
+    """``mmrl eval zeroshot``: an image folder or named dataset, cached image features."""
+    from .datasets import classification_data
+    from .features import extract_image_features, model_fingerprint
+    from .prompts import resolve_templates
+    from .results import write_result
+
+    cd = classification_data(data, split, em.preprocess, root=root, classnames_file=classnames, name=name)
+    tmpl, tmpl_source = resolve_templates(templates, cd.templates_key)
+    feats = extract_image_features(em.model, cd.dataset, device=opts.device, amp=opts.amp,
+                                   batch_size=opts.batch_size, num_workers=opts.num_workers,
+                                   progress=opts.progress, cache_dir=opts.cache_dir, model_key=em.info.key,
+                                   label=f"{cd.name}-{split}")
+    if feats.targets is None or (feats.targets < 0).any():
+        raise ValueError(f"{data}: split {split!r} has no labels")
+    classifier = zero_shot_classifier(em.model, em.tokenizer, cd.classnames, tmpl, opts.device, opts.amp,
+                                      opts.progress)
+    logits = _logits(feats.get("embedding", normalize=True).to(opts.device), classifier.float()).cpu()
+    metrics = classification_metrics(logits, feats.targets, len(cd.classnames))
+    counts = torch.bincount(feats.targets, minlength=len(cd.classnames))
+    protocol = {
+        "data": cd.root, "split": split, "images": int(feats.targets.numel()), "classes": len(cd.classnames),
+        "classes_without_images": int((counts == 0).sum()), "classnames_source": cd.classnames_source,
+        "templates_source": tmpl_source, "templates": len(tmpl),
+        "classifier": "per class: mean of L2-normalised template embeddings, renormalised",
+        "logits": "100 * normalised image embedding @ classifier",
+        "acc5": "reported" if len(cd.classnames) >= 5 else "omitted (fewer than 5 classes)",
+        "mean_per_class_recall": "mean over classes present in the targets of per-class recall",
+        "ties": "top-K ties ordered by class index",
+        "features": {"device": opts.device, "amp": opts.amp, "batch_size": opts.batch_size},
+    }
+    path = write_result(opts.out_dir, cd.name, "zeroshot_classification", metrics, em.info, protocol,
+                        fingerprint=model_fingerprint(em.model))
+    return path, metrics
