@@ -132,8 +132,9 @@ def run_open_clip(shards: str, out: Path, steps: int, synthetic: bool) -> float:
     text = proc.stdout + proc.stderr + "".join(p.read_text() for p in out.rglob("out.log"))
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", text)]
     if proc.returncode != 0 or len(rates) < 2:
-        tail = "\n".join(line for line in text.splitlines()[-8:])
-        raise RuntimeError(f"open_clip trainer failed (exit {proc.returncode}):\n{tail}")
+        errors = [line.strip() for line in text.splitlines() if re.search(r"\w+(Error|Exception)\b", line)]
+        reason = errors[-1] if errors else (text.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"open_clip trainer failed (exit {proc.returncode}): {reason}")
     return statistics.median(rates[1:])
 
 
@@ -158,8 +159,7 @@ def main() -> None:
         try:
             runs["open_clip trainer, pool tok"] = run_open_clip(shards, tmp / "oc", args.steps, synthetic=False)
         except RuntimeError as err:
-            first = str(err).strip().splitlines()[-1][:160]
-            note = f"--dataset-type synthetic (its webdataset path failed with webdataset 1.x: {first})"
+            note = f"--dataset-type synthetic (its webdataset path failed with webdataset 1.x -- {str(err)[:200]})"
             runs["open_clip trainer, pool tok"] = run_open_clip(shards, tmp / "oc2", args.steps, synthetic=True)
     ours, base = runs["mmrl train, 1 process, pool tok"], runs["open_clip trainer, pool tok"]
     result = {
