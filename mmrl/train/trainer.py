@@ -102,12 +102,14 @@ class _Trainer:
         self.dtype = next(self.engine.module.parameters()).dtype
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main)
         self.step = 0
+        self.last_saved_step: Optional[int] = None  # decided locally: no rank reads another's files
         # micro_batches: batches taken from the loader (skipped steps consume data too)
         self.state: Dict[str, float] = {"nonfinite_steps": 0, "samples_seen": 0, "micro_batches": 0}
         root, tag = self.ckpt.resolve(cfg.resume)
         if tag:
             client = self.ckpt.load(self.engine, root, tag)
             self.step = int(client.get("step", 0))
+            self.last_saved_step = self.step
             self.state.update(client.get("state", {}))
             if self.state["micro_batches"]:
                 self.loader.close()
@@ -129,7 +131,9 @@ class _Trainer:
 
     def save(self):
         client = {"step": self.step, "state": dict(self.state), "skipped": dict(self.loader.skipped)}
-        return self.ckpt.save(self.engine, self.step, client)
+        tag = self.ckpt.save(self.engine, self.step, client)
+        self.last_saved_step = self.step
+        return tag
 
     def export(self) -> Path:
         state = full_state_dict(self.engine, self.module, self.cfg.zero_stage)
@@ -198,7 +202,7 @@ class _Trainer:
                     break
                 if self.step % cfg.save_every == 0 and loss is not None:
                     self.save()
-            if not stopped and self.ckpt.latest() != self.ckpt.tag_for(self.step):
+            if not stopped and self.last_saved_step != self.step:
                 self.save()
             model_dir = None if stopped else self.export()
         finally:
