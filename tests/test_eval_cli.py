@@ -18,12 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["red square", "blue circle", "green line", "black dot", "white cross", "grey ring"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _img(rng, size=32):

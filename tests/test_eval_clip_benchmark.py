@@ -12,12 +12,7 @@ from mmrl.evaluation.context import EvalModel, ModelInfo
 from mmrl.model.factory import create_transforms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems: threads only add overhead (and suffer on a busy machine)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = "red blue green small large round square dog cat bird tree house car boat sun moon".split()
 CLASSES = ["apple", "bicycle", "castle", "dolphin", "eagle", "forest"]

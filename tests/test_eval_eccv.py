@@ -18,12 +18,7 @@ with warnings.catch_warnings():
     eccv_caption = pytest.importorskip("eccv_caption")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems: threads only add overhead (and suffer on a busy machine)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

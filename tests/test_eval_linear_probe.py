@@ -9,12 +9,7 @@ from mmrl.evaluation.linear_probe import (LinearProbeOptions, coarse_to_fine, fi
                                           stratified_split)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny problems: threads only add overhead (and suffer on a busy machine)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n, d=24, classes=6, seed=0, spread=2.2):

@@ -12,12 +12,7 @@ from mmrl.evaluation.retrieval import caption_pairs, retrieval_metrics
 from mmrl.evaluation.zeroshot import classification_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems: threads only add overhead (and suffer on a busy machine)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- brute-force references: sort every row of the full matrix (stable: ties by index) -----------

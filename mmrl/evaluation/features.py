@@ -32,7 +32,7 @@ from .datasets import dataset_fingerprint, describe_item
 
 __all__ = [
     "ImageFeatures", "capture_pooled", "encode_images", "model_fingerprint", "FeatureCache",
-    "extract_image_features", "extract_text_features", "default_cache_dir", "make_loader",
+    "extract_image_features", "extract_text_features", "default_cache_dir", "make_loader", "labelled_image_features",
 ]
 
 FORMAT = 1
@@ -301,3 +301,15 @@ def encode_text_groups(model, tokenizer, groups: Sequence[Sequence[str]], device
         with torch.no_grad(), _autocast(device, amp):
             out.append(reduce(model.encode_text(tokens)))
     return torch.stack(out)
+
+
+def labelled_image_features(em, cd, split: str, data, opts) -> "ImageFeatures":
+    """Features of a labelled classification split (``cd`` from ``classification_data``) for the
+    evaluated model ``em`` with the run options ``opts``; an unlabelled split is an error."""
+    feats = extract_image_features(em.model, cd.dataset, device=opts.device, amp=opts.amp,
+                                   batch_size=opts.batch_size, num_workers=opts.num_workers,
+                                   progress=opts.progress, cache_dir=opts.cache_dir, model_key=em.info.key,
+                                   label=f"{cd.name}-{split}")
+    if feats.targets is None or (feats.targets < 0).any():
+        raise ValueError(f"{data}: split {split!r} has no labels")
+    return feats

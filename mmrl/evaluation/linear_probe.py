@@ -184,7 +184,7 @@ def run_linear_probe(em: EvalModel, opts: RunOptions, train: str, test: str, *, 
                      options: LinearProbeOptions = LinearProbeOptions()) -> Tuple[Path, Dict[str, float]]:
     """``mmrl eval linear-probe``: features of both splits (cached), sweep, refit, write."""
     from .datasets import classification_data
-    from .features import extract_image_features, model_fingerprint
+    from .features import labelled_image_features, model_fingerprint
     from .results import write_result
 
     if options.features not in ("pooled", "embedding"):
@@ -192,12 +192,7 @@ def run_linear_probe(em: EvalModel, opts: RunOptions, train: str, test: str, *, 
     splits = {}
     for role, data, split in (("train", train, train_split), ("test", test, test_split)):
         cd = classification_data(data, split, em.preprocess, root=root, name=name)
-        feats = extract_image_features(em.model, cd.dataset, device=opts.device, amp=opts.amp,
-                                       batch_size=opts.batch_size, num_workers=opts.num_workers,
-                                       progress=opts.progress, cache_dir=opts.cache_dir, model_key=em.info.key,
-                                       label=f"{cd.name}-{split}")
-        if feats.targets is None or (feats.targets < 0).any():
-            raise ValueError(f"{data}: split {split!r} has no labels")
+        feats = labelled_image_features(em, cd, split, data, opts)
         splits[role] = (cd, _features(feats, options.features), feats.targets)
     (cd_tr, x_tr, y_tr), (cd_te, x_te, y_te) = splits["train"], splits["test"]
     if len(cd_tr.classnames) != len(cd_te.classnames):

@@ -84,18 +84,13 @@ def run_zeroshot(em: EvalModel, opts: RunOptions, data: str, *, root: Optional[s
                  name: Optional[str] = None) -> Tuple[Path, Dict[str, float]]:
     """``mmrl eval zeroshot``: an image folder or named dataset, cached image features."""
     from .datasets import classification_data
-    from .features import extract_image_features, model_fingerprint
+    from .features import labelled_image_features, model_fingerprint
     from .prompts import resolve_templates
     from .results import write_result
 
     cd = classification_data(data, split, em.preprocess, root=root, classnames_file=classnames, name=name)
     tmpl, tmpl_source = resolve_templates(templates, cd.templates_key)
-    feats = extract_image_features(em.model, cd.dataset, device=opts.device, amp=opts.amp,
-                                   batch_size=opts.batch_size, num_workers=opts.num_workers,
-                                   progress=opts.progress, cache_dir=opts.cache_dir, model_key=em.info.key,
-                                   label=f"{cd.name}-{split}")
-    if feats.targets is None or (feats.targets < 0).any():
-        raise ValueError(f"{data}: split {split!r} has no labels")
+    feats = labelled_image_features(em, cd, split, data, opts)
     classifier = zero_shot_classifier(em.model, em.tokenizer, cd.classnames, tmpl, opts.device, opts.amp,
                                       opts.progress)
     logits = _logits(feats.get("embedding", normalize=True).to(opts.device), classifier.float()).cpu()
