@@ -218,3 +218,37 @@ def test_clip_benchmark_metrics_accept_the_model():
     )
     logits, target = zeroshot_classification.run_classification(model, classifier, loader, "cpu", amp=False)
     assert classifier.shape == (256, 3) and logits.shape == (4, 3) and torch.equal(target, torch.tensor([0, 1, 2, 1]))
+
+
+def test_cached_locked_text_tower_matches_and_keeps_keys(tmp_path):
+    from mmrl.model.text_cache import CachedHFTextEncoder
+
+    name = "mmrl-vit-tiny-p8-64-minilm"
+    torch.manual_seed(0)
+    model = mmrl.create_model(name, pool="ggem", lock_text=True)
+    keys = list(model.state_dict())
+    tokenizer = mmrl.get_tokenizer(name)
+    ids = tokenizer(["A chick inside an egg.", "a red apple", "A chick inside an egg."])
+    model.eval()
+    with torch.no_grad():
+        reference = model.encode_text(ids)
+    model.train()  # the cache runs the frozen transformer without dropout whatever the mode
+    from mmrl.model.text_cache import enable_text_cache
+
+    enable_text_cache(model)
+    assert isinstance(model.text, CachedHFTextEncoder) and list(model.state_dict()) == keys
+    first = model.encode_text(ids)
+    assert model.text.misses == 2 and model.text.hits == 1  # the repeated caption was computed once
+    second = model.encode_text(ids)
+    assert model.text.hits == 4
+    torch.testing.assert_close(first, reference)
+    torch.testing.assert_close(second, reference)
+    second.sum().backward()
+    assert model.text.proj.weight.grad is not None
+    assert all(p.grad is None for p in model.text.transformer.parameters())
+    mmrl.save_model(model, tmp_path / "m")
+    loaded, _, tok = mmrl.load_model(tmp_path / "m")  # a plain (uncached) tower, same weights
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(tok(["a red apple"])), reference[1:2])
+    with pytest.raises(ValueError, match="lock_text"):
+        mmrl.create_model(name, pool="ggem", cache_text=True)

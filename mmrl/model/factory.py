@@ -184,6 +184,7 @@ def create_model(
     vision_cfg: Optional[Dict[str, Any]] = None,
     text_cfg: Optional[Dict[str, Any]] = None,
     lock_text: bool = False,
+    cache_text: bool = False,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     output_dict: Optional[bool] = None,
@@ -201,10 +202,20 @@ def create_model(
             (``vision_cfg`` / ``text_cfg`` dicts are merged into the registry config).
         lock_text: freeze the text tower (LiT); the text projection stays trainable
             for Hugging Face towers.
+        cache_text: with ``lock_text`` and a Hugging Face text tower, compute each caption's
+            pooled text feature once and reuse it (:mod:`mmrl.model.text_cache`).
         precision: ``fp32``, ``bf16`` / ``fp16`` (open_clip's mixed weights), ``pure_bf16`` / ``pure_fp16``.
     """
+    if cache_text and not lock_text:
+        raise ValueError("cache_text=True needs lock_text=True (only a frozen text tower can be cached)")
     cfg = resolve_model_cfg(name, pool, pool_kwargs, final_ln_after_pool, image_size, vision_cfg, text_cfg, **model_overrides)
-    return create_model_from_config(cfg, lock_text=lock_text, precision=precision, device=device, output_dict=output_dict, name=name)
+    model = create_model_from_config(cfg, lock_text=lock_text, precision=precision, device=device,
+                                     output_dict=output_dict, name=name)
+    if cache_text:
+        from .text_cache import enable_text_cache
+
+        enable_text_cache(model)
+    return model
 
 
 def create_transforms(model: torch.nn.Module, aug_cfg: Any = None):

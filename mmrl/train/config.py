@@ -30,6 +30,7 @@ class TrainConfig:
     pool_kwargs: Dict[str, Any] = field(default_factory=dict)
     final_ln_after_pool: bool = False
     lock_text: bool = False
+    cache_text: bool = False             # with lock_text and an HF text tower: pooled text features computed once
     # data
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 64                 # per rank, per micro-step

@@ -75,7 +75,8 @@ class _Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         extra = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0} if cfg.loss == "siglip" else {}
         model = create_model(cfg.model, cfg.pool, pool_kwargs=cfg.pool_kwargs or None,
-                             final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text, **extra)
+                             final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text,
+                             cache_text=cfg.cache_text, **extra)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model
