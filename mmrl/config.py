@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterable, Optional, Type, TypeVar, Union
 
 import yaml
 
+from .fileio import atomic_write_text
+
 __all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides", "save_config"]
 
 T = TypeVar("T")
@@ -160,7 +162,4 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Iter
 
 def save_config(obj: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

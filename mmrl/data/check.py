@@ -20,6 +20,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from tqdm import tqdm
 
+from ..fileio import atomic_write_text
 from .shards import write_sizes
 
 __all__ = ["ShardReport", "expand_shards", "check_shards", "sizes_from_stats"]
@@ -126,9 +127,7 @@ def check_shards(spec: str, write_sizes_json: bool = True, progress: bool = True
                 merged = {**json.loads(target.read_text()), **sizes}
             except (OSError, json.JSONDecodeError):
                 merged = sizes
-            tmp = target.with_name(".sizes.json.tmp")
-            tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
-            os.replace(tmp, target)
+            atomic_write_text(target, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
     return reports
 
 

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
+from ..fileio import TMP_MARK, atomic_write_bytes, atomic_write_text, temp_path
 from .images import ImageError, encode_image
 from .records import ImageTextRecord
 
@@ -41,7 +42,6 @@ __all__ = ["ShardOptions", "build_shards", "write_sizes", "format_summary"]
 
 STATS_SUFFIX = "_stats.json"
 MAX_LISTED_FAILURES = 100
-_TMP_MARK = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,6 @@ class ShardOptions:
             raise ValueError(f"quality must be in 1..100, got {self.quality}")
         if self.max_size < 8:
             raise ValueError(f"max_size must be >= 8 pixels, got {self.max_size}")
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _fingerprint(records: Sequence[ImageTextRecord], options: ShardOptions) -> str:
@@ -97,7 +91,7 @@ def _write_shard(task) -> dict:
     start = time.time()
     out_dir = Path(out_dir)
     name = f"{shard_id:05d}.tar"
-    tmp_tar = out_dir / f".{name}{_TMP_MARK}{os.getpid()}"
+    tmp_tar = temp_path(out_dir / name)
     reasons: Counter = Counter()
     failures: List[dict] = []
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -138,7 +132,7 @@ def _write_shard(task) -> dict:
         "duration": round(time.time() - start, 3), "writer": "mmrl", "fingerprint": fingerprint,
         "options": asdict(options),
     }
-    _atomic_bytes(out_dir / f"{shard_id:05d}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
+    atomic_write_bytes(out_dir / f"{shard_id:05d}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
     return {"shard": shard_id, "successes": successes, "reasons": dict(reasons)}
 
 
@@ -160,7 +154,7 @@ def write_sizes(out_dir: str | Path) -> Dict[str, int]:
             raise ValueError(f"{stats_path}: unreadable or has no 'successes' field")
         if (out_dir / tar).is_file():
             sizes[tar] = int(stats["successes"])
-    _atomic_bytes(out_dir / "sizes.json", (json.dumps(sizes, indent=1) + "\n").encode())
+    atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, indent=1) + "\n")
     return sizes
 
 
@@ -189,7 +183,7 @@ def build_shards(
     options.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(f".*{_TMP_MARK}*"):  # from an interrupted run
+    for leftover in out.glob(f".*{TMP_MARK}*"):  # from an interrupted run
         leftover.unlink(missing_ok=True)
     n_shards = (len(records) + shard_size - 1) // shard_size
     for stale in out.glob(f"*{STATS_SUFFIX}"):  # our shards from an earlier, longer input

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from ..fileio import atomic_write
 from .datasets import dataset_fingerprint, describe_item
 
 __all__ = [
@@ -147,16 +147,8 @@ class FeatureCache:
     def save(self, path: Path, tensors: Dict[str, torch.Tensor], fingerprint: str, meta: Dict[str, str]) -> None:
         from safetensors.torch import save_file
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.root)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={"format": str(FORMAT), "model_fingerprint": fingerprint, **meta})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                                  metadata={"format": str(FORMAT), "model_fingerprint": fingerprint, **meta}))
 
 
 class _Safe(Dataset):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..fileio import atomic_write_text
 from .context import ModelInfo
 
 __all__ = ["TASKS", "TASK_OF_COMMAND", "result_path", "write_result", "read_result", "dataset_slug"]
@@ -67,11 +67,7 @@ def write_result(out_dir: str | os.PathLike, dataset: str, task: str, metrics: D
         "mmrl": {"version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pool": model.pool,
                  "model_source": model.source, "weights_sha256": fingerprint},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -22,6 +21,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import load_file, save_file
 
+from ..fileio import atomic_write, atomic_write_text
 from .factory import create_model_from_config, get_tokenizer
 
 __all__ = ["save_model", "load_model", "read_model_config", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -30,17 +30,6 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 BIN_WEIGHTS_NAME = "open_clip_pytorch_model.bin"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -68,8 +57,8 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, state_dict: Dict
         "preprocess_cfg": dict(model.visual.preprocess_cfg),
         "mmrl": {"format_version": FORMAT_VERSION, "name": meta.get("name", ""), "lock_text": meta.get("lock_text", False)},
     }
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return out
 
 

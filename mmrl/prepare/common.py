@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from PIL import Image
 
 from ..data.images import to_rgb
+from ..fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "PrepareError", "log", "require", "pip_source", "stable_hash", "evenly_spaced", "atomic_write_text",
@@ -78,18 +79,6 @@ def evenly_spaced(items: Sequence[T], limit: Optional[int]) -> List[T]:
     return [items[math.floor(i * step)] for i in range(limit)]
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
@@ -104,13 +93,10 @@ def save_image(img: Image.Image, path: Path, *, max_size: Optional[int] = None, 
         scale = max_size / max(img.size)
         size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
         img = img.resize(size, Image.Resampling.LANCZOS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
     if path.suffix.lower() in (".jpg", ".jpeg"):
-        img.save(tmp, format="JPEG", quality=quality)
+        atomic_write(path, lambda tmp: img.save(tmp, format="JPEG", quality=quality))
     else:
-        img.save(tmp, format="PNG", optimize=False)
-    os.replace(tmp, path)
+        atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=False))
     return img.size
 
 

@@ -10,13 +10,14 @@ naming a complete checkpoint (or nothing), never a half-written one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch.distributed as dist
+
+from ..fileio import atomic_write_text
 
 __all__ = ["CheckpointManager", "COMPLETE_MARK"]
 
@@ -62,8 +63,8 @@ class CheckpointManager:
             dist.barrier()  # every rank's files are on disk
         if self.is_main:
             mark = {"step": step, "time": time.time()}
-            _atomic_write(self.root / tag / COMPLETE_MARK, json.dumps(mark))
-            _atomic_write(self.root / "latest", tag)
+            atomic_write_text(self.root / tag / COMPLETE_MARK, json.dumps(mark))
+            atomic_write_text(self.root / "latest", tag)
             for old in self.complete_tags()[: -self.keep_last]:
                 shutil.rmtree(self.root / old, ignore_errors=True)
         if dist.is_initialized():
@@ -94,9 +95,3 @@ class CheckpointManager:
         if path is None:
             raise FileNotFoundError(f"{root / tag}: DeepSpeed could not load this checkpoint")
         return client_state or {}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
