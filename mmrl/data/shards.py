@@ -143,19 +143,29 @@ def _read_stats(path: Path) -> Optional[dict]:
         return None
 
 
-def write_sizes(out_dir: str | Path) -> Dict[str, int]:
-    """(Re)write ``sizes.json`` from the ``*_stats.json`` files next to the shards."""
-    out_dir = Path(out_dir)
-    sizes = {}
+def _shard_stats(out_dir: Path) -> Dict[str, dict]:
+    """``{tar name: stats}`` for every ``*_stats.json`` whose tar exists next to it."""
+    found = {}
     for stats_path in sorted(out_dir.glob(f"*{STATS_SUFFIX}")):
         stats = _read_stats(stats_path)
         tar = stats_path.name[: -len(STATS_SUFFIX)] + ".tar"
         if stats is None or "successes" not in stats:
             raise ValueError(f"{stats_path}: unreadable or has no 'successes' field")
         if (out_dir / tar).is_file():
-            sizes[tar] = int(stats["successes"])
+            found[tar] = stats
+    return found
+
+
+def _write_sizes(out_dir: Path, stats: Dict[str, dict]) -> Dict[str, int]:
+    sizes = {tar: int(s["successes"]) for tar, s in stats.items()}
     atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, indent=1) + "\n")
     return sizes
+
+
+def write_sizes(out_dir: str | Path) -> Dict[str, int]:
+    """(Re)write ``sizes.json`` from the ``*_stats.json`` files next to the shards."""
+    out_dir = Path(out_dir)
+    return _write_sizes(out_dir, _shard_stats(out_dir))
 
 
 def format_summary(summary: dict) -> str:
@@ -224,10 +234,11 @@ def build_shards(
                 pending.get()  # re-raise a worker's exception
                 bar.update(counter.value - (bar.n - done_samples))
     bar.close()
-    sizes = write_sizes(out)
+    all_stats = _shard_stats(out)  # read once: sizes.json and this build's failure totals
+    sizes = _write_sizes(out, all_stats)
     failures: Counter = Counter()
     for shard_id in range(n_shards):
-        stats = _read_stats(out / f"{shard_id:05d}{STATS_SUFFIX}") or {}
+        stats = all_stats.get(f"{shard_id:05d}.tar", {})
         failures.update({k: v for k, v in stats.get("status_dict", {}).items() if k != "success"})
     samples = sum(sizes.get(f"{i:05d}.tar", 0) for i in range(n_shards))
     return {"out": str(out), "shards": n_shards, "reused": reused, "samples": samples, "failures": dict(failures)}
