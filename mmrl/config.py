@@ -103,7 +103,13 @@ def from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError as err:  # name the key from the top of the config
+            if not prefix:
+                raise
+            raise ConfigError(str(err).replace("config key '", f"config key '{prefix}")
+                              .replace("config keys '", f"config keys '{prefix}")) from None
     return obj
 
 

@@ -19,7 +19,7 @@ Preprocess (:func:`plan_transform`)
 
     * ``"tensor"`` plan (``fast_resize=True``, the default) -- when the geometric steps are
       only ``RandomResizedCrop`` / ``Resize`` / ``CenterCrop`` with bilinear or bicubic
-      interpolation, they run on the uint8 image as a channels-last tensor with torch's
+      interpolation (plus the photometric steps of :mod:`mmrl.data.augment`), they run on the uint8 image as a channels-last tensor with torch's
       antialiased uint8 kernels, which follow PIL's filters (outputs agree with PIL's to a few
       8-bit levels, see tests) and are several times faster. ``RandomResizedCrop`` boxes are
       drawn from the same distribution as torchvision's ``get_params`` but with Python's
@@ -52,6 +52,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .augment import RandomLowResolution
 from .images import to_rgb
 from .wds_stages import StreamStats, derive_seed
 
@@ -198,6 +199,8 @@ def _tensor_op(t) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         return resize
     if isinstance(t, T.CenterCrop):
         return lambda x: TF.center_crop(x, list(_pair(t.size)))
+    if isinstance(t, (T.RandomGrayscale, T.RandomInvert, RandomLowResolution)):
+        return t  # photometric steps that take uint8 [..., 3, H, W] tensors as they are
     return None
 
 

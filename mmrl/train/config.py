@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from ..config import ConfigError
+from ..data.augment import AugConfig
 
-__all__ = ["DataConfig", "TrainConfig"]
+__all__ = ["AugConfig", "DataConfig", "TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("clip", "siglip")
@@ -33,6 +34,7 @@ class TrainConfig:
     cache_text: bool = False             # with lock_text and an HF text tower: pooled text features computed once
     # data
     data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)  # train-time augmentation (mmrl.data.augment)
     batch_size: int = 64                 # per rank, per micro-step
     workers: int = 2                     # data-loading processes per rank
     # schedule
@@ -92,6 +94,7 @@ class TrainConfig:
             raise bad("betas", "two floats", self.betas)
         if self.resume not in (None, "auto") and not isinstance(self.resume, str):
             raise bad("resume", "'auto', a checkpoint path or null", self.resume)
+        self.aug.validate("aug.")
         if not self.data.train:
             raise ConfigError("config key 'data.train': set the training shards (e.g. data.train='shards/{00000..00009}.tar')")
         if self.data.weights is not None and len(self.data.weights.split("::")) != len(self.data.train.split("::")):

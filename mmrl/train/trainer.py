@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import save_config
+from ..data.augment import build_train_transform
 from ..data.loader import LoaderConfig, make_train_loader
 from ..model import create_model, create_transforms, get_tokenizer, save_model
 from .checkpoint import CheckpointManager
@@ -80,7 +81,7 @@ class _Trainer:
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model
-        self.preprocess, _ = create_transforms(model)
+        self.preprocess = build_train_transform(create_transforms(model)[0], cfg.aug)
         self.tokenizer = get_tokenizer(model.mmrl_cfg["model_cfg"])
         self.module = ContrastiveModule(model)
         self.loss_fn = make_loss(cfg.loss, cfg.local_loss, cfg.gather_with_grad, info.rank, info.world_size)
