@@ -1,4 +1,5 @@
-"""``mmrl eval``: retrieval, zero-shot, linear probe, image retrieval, suites and result tables."""
+"""``mmrl eval``: retrieval, zero-shot, linear probe, image retrieval, cross-style retrieval, suites and
+result tables."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,8 @@ _TASK_HELP = {
     "zeroshot": "zero-shot classification of an image folder or a named dataset",
     "linear-probe": "logistic-regression probe on frozen image features (regularisation swept on a val split)",
     "image-retrieval": "image-to-image retrieval: Recall@1/2/4/8 and MAP@R over labelled images",
+    "cross-retrieval": "cross-style image-to-image retrieval between two folders of the same identities "
+                       "(Recall@1/5/10 both ways)",
     "suite": "run a YAML list of (task, dataset) entries",
     "table": "one markdown / CSV table from result folders (mean ± std over seeds)",
 }
@@ -20,7 +23,8 @@ _TASK_HELP = {
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and run")
     g.add_argument("--model", required=True, metavar="M",
-                   help="a folder written by mmrl.save_model, or an architecture NAME (random init)")
+                   help="a folder written by mmrl.save_model, an architecture NAME (random init), or "
+                        "raw-pixels[:SIZE] (the raw-pixel baseline, default SIZE 32; image tasks only)")
     g.add_argument("--pool", default=None, metavar="KIND", help="pooling for an architecture NAME (default ggem)")
     g.add_argument("--seed", type=int, default=0, help="random-init seed for an architecture NAME (default 0)")
     g.add_argument("--out", default="results", metavar="DIR", help="result folder (default results/)")
@@ -79,6 +83,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     lp.add_argument("--val-proportion", type=float, default=0.2, help="validation share of train (default 0.2)")
     lp.add_argument("--probe-seed", type=int, default=0, help="seed of the validation split (default 0)")
     lp.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
+    lp.add_argument("--train-limit", type=int, default=None, metavar="N",
+                    help="probe on a class-stratified subsample of at most N training images (seeded by "
+                         "--probe-seed, drawn before encoding; default: all)")
     lp.add_argument("--name", default=None, help="dataset name in the result")
     _model_args(lp)
 
@@ -91,6 +98,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                     help="embedding = encode_image (default); pooled = before visual.proj; both L2-normalised")
     ir.add_argument("--name", default=None, help="dataset name in the result")
     _model_args(ir)
+
+    cr = sub.add_parser("cross-retrieval", help=_TASK_HELP["cross-retrieval"],
+                        description=_TASK_HELP["cross-retrieval"] + ". An image's identity is its file stem, or "
+                        "the 'concept' of its entry in a labels.json beside the folder; identities present in "
+                        "only one folder are left out.")
+    cr.add_argument("--query", required=True, metavar="DIR", help="query image folder")
+    cr.add_argument("--gallery", required=True, metavar="DIR", help="gallery image folder")
+    cr.add_argument("--root", default=None, help="folder --query / --gallery are relative to (default: as given)")
+    cr.add_argument("--name", default=None, help="dataset name in the result (default QUERY-GALLERY)")
+    cr.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="default 1 5 10")
+    _model_args(cr)
 
     s = sub.add_parser("suite", help=_TASK_HELP["suite"], description=_TASK_HELP["suite"])
     s.add_argument("file", metavar="FILE.yaml", help="suite file (eval/suites/transfer.yaml, eval/suites/demo.yaml)")
@@ -167,7 +185,13 @@ def _run(args: argparse.Namespace) -> int:
                                      seed=args.probe_seed, max_iter=args.max_iter)
         path, metrics = run_linear_probe(em, opts, args.train, args.test, root=args.root,
                                          train_split=_train_split(args.train), test_split=_test_split(args.test),
-                                         name=args.name, options=options)
+                                         name=args.name, options=options, train_limit=args.train_limit)
+    elif action == "cross-retrieval":
+        from ..evaluation.cross_retrieval import run_cross_retrieval
+        from ..evaluation.retrieval import parse_ks
+
+        path, metrics = run_cross_retrieval(em, opts, args.query, args.gallery, root=args.root, name=args.name,
+                                            recall_k=parse_ks(args.recall_k))
     else:
         from ..evaluation.image_retrieval import run_image_retrieval
 
@@ -192,6 +216,7 @@ def _train_split(data: str) -> str:
     return spec.splits[0] if spec and not Path(data).exists() else "train"
 
 
-@command("eval", "evaluate a model: retrieval, zero-shot, linear probe, image retrieval, suites, tables", _arguments)
+@command("eval", "evaluate a model: retrieval, zero-shot, linear probe, image and cross-style retrieval, suites, "
+                 "tables", _arguments)
 def cmd_eval(args: argparse.Namespace) -> int:
     return _run(args)

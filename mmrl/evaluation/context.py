@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["ModelInfo", "EvalModel", "RunOptions", "load_eval_model", "default_device"]
+__all__ = ["ModelInfo", "EvalModel", "RunOptions", "load_eval_model", "default_device", "has_text_encoder"]
 
 
 def default_device() -> str:
@@ -22,7 +22,7 @@ class ModelInfo:
     model: str
     pretrained: str
     pool: Optional[str]
-    source: str  # "saved" | "random-init"
+    source: str  # "saved" | "random-init" | "raw-pixels"
     key: str     # identity used for the feature cache file names
 
     def as_dict(self) -> Dict[str, Any]:
@@ -35,6 +35,11 @@ class EvalModel:
     preprocess: Any
     tokenizer: Any
     info: ModelInfo
+
+
+def has_text_encoder(model: torch.nn.Module) -> bool:
+    """Whether text tasks apply to ``model`` (false for models declaring ``has_text_encoder = False``)."""
+    return bool(getattr(model, "has_text_encoder", True))
 
 
 @dataclass
@@ -62,12 +67,22 @@ class RunOptions:
 
 
 def load_eval_model(spec: str, pool: Optional[str] = None, *, seed: int = 0, device: str = "cpu") -> EvalModel:
-    """``spec`` is a folder written by :func:`mmrl.save_model` or an architecture name
-    (``mmrl.list_models()``), created with random weights (seeded) pooling with ``pool``
-    (default ``ggem``) -- the untrained baseline."""
+    """``spec`` is ``raw-pixels`` / ``raw-pixels:SIZE`` (the pixel baseline of
+    :mod:`.raw_pixels`; a reserved name, checked before folders), a folder written by
+    :func:`mmrl.save_model`, or an architecture name (``mmrl.list_models()``), created with
+    random weights (seeded) pooling with ``pool`` (default ``ggem``) -- the untrained baseline."""
     import mmrl
     from mmrl.model.factory import create_transforms
 
+    from .raw_pixels import NAME as RAW, load_raw_pixels, parse_raw_pixels
+
+    size = parse_raw_pixels(spec)
+    if size is not None:
+        if pool is not None:
+            raise ValueError(f"--pool applies to architecture names, not to {spec}")
+        model, preprocess, tokenizer = load_raw_pixels(size, device=device)
+        info = ModelInfo(f"{RAW}-{size}", "none", None, RAW, f"{RAW}-{size}")
+        return EvalModel(model, preprocess, tokenizer, info)
     path = Path(spec)
     if path.is_dir():
         if pool is not None:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "DatasetMissing", "ImageListDataset", "image_folder", "read_classnames_file", "clean_classname",
     "NamedDataset", "NAMED_DATASETS", "build_named", "ClassificationData", "classification_data",
-    "dataset_fingerprint",
+    "dataset_fingerprint", "Subsample",
 ]
 
 _SPLIT_NAMES = {"train", "test", "val", "valid", "validation", "trainval"}
@@ -261,11 +261,35 @@ def classification_data(data: str, split: str, transform: Optional[Callable] = N
     return ClassificationData(ds, names, source, spec.templates if spec else None, label, where, split)
 
 
+class Subsample(Dataset):
+    """Items ``indices`` of ``base``, in that order (a train subsample); ``targets`` are the
+    base's labels of those items, and its fingerprint is the base's plus the indices."""
+
+    def __init__(self, base, indices: Sequence[int], targets: Optional[Sequence[int]] = None):
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.targets = list(targets) if targets is not None else None
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+    def describe(self, i: int) -> str:
+        return describe_item(self.base, self.indices[i])
+
+
 def dataset_fingerprint(ds) -> str:
     """A key that changes when the dataset's files or transform change: file paths, sizes and
     modification times for file-backed datasets, else the dataset's description."""
     h = hashlib.sha256()
     h.update(type(ds).__name__.encode())
+    if isinstance(ds, Subsample):
+        h.update(dataset_fingerprint(ds.base).encode())
+        h.update(",".join(map(str, ds.indices)).encode())
+        return h.hexdigest()
     h.update(repr(getattr(ds, "transform", None)).encode())
     files = None
     if isinstance(ds, ImageListDataset):

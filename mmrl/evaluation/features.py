@@ -211,6 +211,15 @@ def _compute_image_features(model, ds, *, batch_size: int, num_workers: int, dev
     return ImageFeatures(torch.cat(embs), torch.cat(pooled) if pooled else None, tgt)
 
 
+_SAME = "pooled_is_embedding"  # cache marker: the pooled features equal the embedding (stored once)
+
+
+def _param_dtype(model: torch.nn.Module) -> str:
+    """The dtype of the model's first parameter (``float32`` for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return str(p.dtype if p is not None else torch.float32)
+
+
 def extract_image_features(model, ds, *, device: str = "cpu", amp: bool = False, batch_size: int = 64,
                            num_workers: int = 0, progress: bool = True, cache_dir: Optional[Path] = None,
                            model_key: Optional[str] = None, label: str = "images") -> ImageFeatures:
@@ -226,15 +235,18 @@ def extract_image_features(model, ds, *, device: str = "cpu", amp: bool = False,
         fp = model_fingerprint(model)
         cache = FeatureCache(cache_dir)
         identity = {"kind": "image", "model": model_key or fp, "data": dataset_fingerprint(ds), "amp": amp,
-                    "batch_size": batch_size, "dtype": str(next(model.parameters()).dtype)}
+                    "batch_size": batch_size, "dtype": _param_dtype(model)}
         path = cache.path(label, identity)
         hit = cache.load(path, fp)
         if hit is not None:
-            return ImageFeatures(hit["embedding"], hit.get("pooled"), hit.get("targets"))
+            pooled = hit["embedding"] if _SAME in hit else hit.get("pooled")
+            return ImageFeatures(hit["embedding"], pooled, hit.get("targets"))
         feats = _compute_image_features(model, ds, batch_size=batch_size, num_workers=num_workers, device=dev,
                                         amp=amp, progress=progress, desc=f"encoding {label}")
         tensors = {"embedding": feats.embedding}
-        if feats.pooled is not None:
+        if feats.pooled is not None and torch.equal(feats.pooled, feats.embedding):
+            tensors[_SAME] = torch.ones(1)  # e.g. the raw-pixel baseline: stored once
+        elif feats.pooled is not None:
             tensors["pooled"] = feats.pooled
         if feats.targets is not None:
             tensors["targets"] = feats.targets
@@ -295,13 +307,14 @@ def encode_text_groups(model, tokenizer, groups: Sequence[Sequence[str]], device
     return torch.stack(out)
 
 
-def labelled_image_features(em, cd, split: str, data, opts) -> "ImageFeatures":
+def labelled_image_features(em, cd, split: str, data, opts, label: Optional[str] = None) -> "ImageFeatures":
     """Features of a labelled classification split (``cd`` from ``classification_data``) for the
-    evaluated model ``em`` with the run options ``opts``; an unlabelled split is an error."""
+    evaluated model ``em`` with the run options ``opts``; an unlabelled split is an error.
+    ``label`` names the cache file (default ``{dataset}-{split}``)."""
     feats = extract_image_features(em.model, cd.dataset, device=opts.device, amp=opts.amp,
                                    batch_size=opts.batch_size, num_workers=opts.num_workers,
                                    progress=opts.progress, cache_dir=opts.cache_dir, model_key=em.info.key,
-                                   label=f"{cd.name}-{split}")
+                                   label=label or f"{cd.name}-{split}")
     if feats.targets is None or (feats.targets < 0).any():
         raise ValueError(f"{data}: split {split!r} has no labels")
     return feats

@@ -18,7 +18,7 @@ whatever device the features are on (CPU or GPU), warm-started from the nearest 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from .context import EvalModel, RunOptions
 from .zeroshot import classification_metrics
 
-__all__ = ["LinearProbeOptions", "fit_logistic", "stratified_split", "coarse_to_fine", "linear_probe",
-           "evaluate", "run_linear_probe"]
+__all__ = ["LinearProbeOptions", "fit_logistic", "stratified_split", "stratified_subsample", "coarse_to_fine",
+           "linear_probe", "evaluate", "run_linear_probe"]
 
 
 @dataclass
@@ -85,6 +85,31 @@ def stratified_split(y: torch.Tensor, proportion: float, seed: int) -> Tuple[tor
         val.append(idx[:k])
         train.append(idx[k:])
     return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def stratified_subsample(y: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """Sorted indices of at most ``limit`` items of ``y``, stratified by class: class ``c`` with
+    ``n_c`` of the ``N`` items gets ``floor(limit * n_c / N)`` items, and the remaining ones go to
+    the largest remainders (ties: lower class), so shares match ``y``'s to within one item;
+    each class's items are chosen by a seeded permutation. ``limit >= N``: every item."""
+    if limit < 1:
+        raise ValueError(f"train limit must be positive, got {limit}")
+    y = y.cpu().long()
+    n = len(y)
+    if limit >= n:
+        return torch.arange(n)
+    classes, counts = y.unique(return_counts=True)
+    quota = counts * limit // n
+    remainder = counts * limit % n
+    order = sorted(range(len(classes)), key=lambda i: (-int(remainder[i]), i))
+    for i in order[:limit - int(quota.sum())]:
+        quota[i] += 1
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, k in zip(classes.tolist(), quota.tolist()):
+        idx = (y == c).nonzero().flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(picked).sort().values
 
 
 def coarse_to_fine(n: int, score: Callable[[int], float]) -> Tuple[int, Dict[int, float]]:
@@ -179,20 +204,47 @@ def evaluate(model, train_dataloader, test_dataloader, device, options: LinearPr
     return linear_probe(train_x, train_y, test_x, test_y, n_classes, options, device)[0]
 
 
+def _subsample_train(cd, limit: int, seed: int, data: str):
+    """``(cd with its dataset subsampled, images available)`` (:func:`stratified_subsample`)."""
+    from .datasets import Subsample, labels_of
+
+    y = labels_of(cd.dataset)
+    if y is None:
+        raise ValueError(f"{data}: cannot subsample the training split (its labels are not known without "
+                         f"reading every image); drop train_limit")
+    idx = stratified_subsample(y, limit, seed)
+    if len(idx) == len(y):
+        return cd, len(y)
+    return replace(cd, dataset=Subsample(cd.dataset, idx.tolist(), y[idx].tolist())), len(y)
+
+
 def run_linear_probe(em: EvalModel, opts: RunOptions, train: str, test: str, *, root: Optional[str] = None,
                      train_split: str = "train", test_split: str = "test", name: Optional[str] = None,
-                     options: LinearProbeOptions = LinearProbeOptions()) -> Tuple[Path, Dict[str, float]]:
-    """``mmrl eval linear-probe``: features of both splits (cached), sweep, refit, write."""
+                     options: LinearProbeOptions = LinearProbeOptions(),
+                     train_limit: Optional[int] = None) -> Tuple[Path, Dict[str, float]]:
+    """``mmrl eval linear-probe``: features of both splits (cached), sweep, refit, write.
+
+    ``train_limit``: probe on a class-stratified subsample of at most that many training
+    images (:func:`stratified_subsample`, seeded by ``options.seed``), drawn before any image
+    is encoded; its features are cached apart from the full split's."""
     from .datasets import classification_data
     from .features import labelled_image_features, model_fingerprint
     from .results import write_result
 
     if options.features not in ("pooled", "embedding"):
         raise ValueError(f"features must be 'pooled' or 'embedding', got {options.features!r}")
+    if train_limit is not None and train_limit < 1:
+        raise ValueError(f"train_limit must be a positive number of images, got {train_limit}")
     splits = {}
+    available = None
     for role, data, split in (("train", train, train_split), ("test", test, test_split)):
         cd = classification_data(data, split, em.preprocess, root=root, name=name)
-        feats = labelled_image_features(em, cd, split, data, opts)
+        label = None
+        if role == "train" and train_limit is not None:
+            cd, available = _subsample_train(cd, train_limit, options.seed, data)
+            if len(cd.dataset) < available:
+                label = f"{cd.name}-{split}-limit{train_limit}-seed{options.seed}"
+        feats = labelled_image_features(em, cd, split, data, opts, label=label)
         splits[role] = (cd, _features(feats, options.features), feats.targets)
     (cd_tr, x_tr, y_tr), (cd_te, x_te, y_te) = splits["train"], splits["test"]
     if len(cd_tr.classnames) != len(cd_te.classnames):
@@ -210,6 +262,11 @@ def run_linear_probe(em: EvalModel, opts: RunOptions, train: str, test: str, *, 
         "selection": f"coarse-to-fine over logspace({options.log10_min:g}, {options.log10_max:g}, "
                      f"{options.grid_points}) on a stratified {options.val_proportion:g} validation split of train "
                      f"(seed {options.seed}), best val acc1; refit on train+val",
+        "train_images": int(len(y_tr)), "train_images_available": int(available or len(y_tr)),
+        "train_limit": train_limit,
+        "train_subsample": (None if train_limit is None else
+                            f"class-stratified (largest remainder), seeded by options.seed {options.seed}, "
+                            f"drawn before feature extraction"),
         "options": asdict(options), "device": opts.device, **details,
     }
     path = write_result(opts.out_dir, dataset, "linear_probe", metrics, em.info, protocol,

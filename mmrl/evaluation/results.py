@@ -19,10 +19,11 @@ from .context import ModelInfo
 
 __all__ = ["TASKS", "TASK_OF_COMMAND", "result_path", "write_result", "read_result", "dataset_slug"]
 
-# CLIP_benchmark's task names (and mmrl's image_retrieval)
-TASKS = ("zeroshot_retrieval", "zeroshot_classification", "linear_probe", "image_retrieval")
+# CLIP_benchmark's task names (and mmrl's image_retrieval, cross_retrieval)
+TASKS = ("zeroshot_retrieval", "zeroshot_classification", "linear_probe", "image_retrieval", "cross_retrieval")
 TASK_OF_COMMAND = {"retrieval": "zeroshot_retrieval", "zeroshot": "zeroshot_classification",
-                   "linear-probe": "linear_probe", "image-retrieval": "image_retrieval"}
+                   "linear-probe": "linear_probe", "image-retrieval": "image_retrieval",
+                   "cross-retrieval": "cross_retrieval"}
 
 
 def dataset_slug(name: str) -> str:

@@ -14,10 +14,13 @@
 Entry keys by task -- ``retrieval``: ``annotations``, ``images``, ``split``, ``count_check``,
 ``duplicate_captions``, ``fold_size``; ``zeroshot``: ``dataset`` or ``data``, ``split``,
 ``classnames``, ``templates`` (file or list); ``linear-probe``: ``dataset`` or ``train`` +
-``test``, ``train_split``, ``test_split``, ``features``; ``image-retrieval``: ``dataset`` or
-``data``, ``split``, ``features``. All take ``name`` (the result's dataset name) and ``hint``
-(shown when the data is missing). ``classnames`` / ``templates`` files are relative to the YAML
-file. A missing dataset is *skipped* (with where to put it), not failed.
+``test``, ``train_split``, ``test_split``, ``features``, ``train_limit`` (probe on a
+class-stratified subsample of at most this many training images); ``image-retrieval``:
+``dataset`` or ``data``, ``split``, ``features``; ``cross-retrieval``: ``query`` + ``gallery``
+(two image folders). All take ``name`` (the result's dataset name) and ``hint`` (shown when the
+data is missing). ``classnames`` / ``templates`` files are relative to the YAML file. A missing
+dataset is *skipped* (with where to put it), not failed; so are text tasks (``retrieval``,
+``zeroshot``) for a model without a text encoder (``--model raw-pixels``).
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ import json
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .context import EvalModel, RunOptions
+from .context import EvalModel, RunOptions, has_text_encoder
 from .datasets import NAMED_DATASETS, DatasetMissing
 
 __all__ = ["Suite", "SuiteEntry", "EntryResult", "load_suite", "run_suite", "format_summary"]
@@ -35,10 +38,14 @@ __all__ = ["Suite", "SuiteEntry", "EntryResult", "load_suite", "run_suite", "for
 _KEYS = {
     "retrieval": {"annotations", "images", "split", "count_check", "duplicate_captions", "fold_size"},
     "zeroshot": {"dataset", "data", "split", "classnames", "templates"},
-    "linear-probe": {"dataset", "train", "test", "train_split", "test_split", "features"},
+    "linear-probe": {"dataset", "train", "test", "train_split", "test_split", "features", "train_limit", "max_iter",
+                     "grid_points"},
     "image-retrieval": {"dataset", "data", "split", "features"},
+    "cross-retrieval": {"query", "gallery"},
 }
 _COMMON = {"task", "name", "hint"}
+_NEEDS = {"retrieval": ("annotations",), "linear-probe": ("train", "test"), "cross-retrieval": ("query", "gallery")}
+_TEXT_TASKS = ("retrieval", "zeroshot")
 
 
 @dataclass
@@ -51,7 +58,7 @@ class SuiteEntry:
     def label(self) -> str:
         s = self.spec
         return str(s.get("name") or s.get("dataset") or s.get("data") or s.get("annotations") or s.get("train")
-                   or f"entry {self.index}")
+                   or s.get("query") or f"entry {self.index}")
 
 
 @dataclass
@@ -93,9 +100,13 @@ def load_suite(path: str | Path, root: Optional[str | Path] = None) -> Suite:
         unknown = set(raw) - _KEYS[task] - _COMMON
         if unknown:
             raise ValueError(f"{path}: entries[{n}] ({task}): unknown keys {sorted(unknown)}")
-        need = {"retrieval": ("annotations",), "linear-probe": ("train", "test")}.get(task, ("data",))
+        need = _NEEDS.get(task, ("data",))
         if "dataset" not in raw and not all(k in raw for k in need):
-            raise ValueError(f"{path}: entries[{n}] ({task}) needs 'dataset' or {' + '.join(need)}")
+            either = "" if "dataset" not in _KEYS[task] else "'dataset' or "
+            raise ValueError(f"{path}: entries[{n}] ({task}) needs {either}{' + '.join(need)}")
+        limit = raw.get("train_limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{path}: entries[{n}] ({task}): train_limit must be a positive integer, got {limit!r}")
         if "dataset" in raw and raw["dataset"] not in NAMED_DATASETS:
             raise ValueError(f"{path}: entries[{n}]: unknown dataset {raw['dataset']!r} "
                              f"(named datasets: {', '.join(NAMED_DATASETS)})")
@@ -115,7 +126,7 @@ def _file(suite: Suite, value: Any) -> Any:
 def _missing(suite: Suite, e: SuiteEntry) -> Optional[str]:
     """Why the entry's data is absent (``None`` when its files are there)."""
     s, root = e.spec, suite.root
-    for key in ("annotations", "data", "train", "test"):
+    for key in ("annotations", "data", "train", "test", "query", "gallery"):
         if key in s and "dataset" not in s:
             p = root / str(s[key])
             if not p.exists():
@@ -123,7 +134,18 @@ def _missing(suite: Suite, e: SuiteEntry) -> Optional[str]:
     return None
 
 
+def _probe_options(s: Dict[str, Any]):
+    """The entry's probe settings: ``features``, and the solver budget ``max_iter`` (L-BFGS
+    iterations per fit) and ``grid_points`` (regularisation values on the log grid)."""
+    from .linear_probe import LinearProbeOptions
+
+    defaults = LinearProbeOptions()
+    return LinearProbeOptions(features=s.get("features", "pooled"), max_iter=int(s.get("max_iter", defaults.max_iter)),
+                              grid_points=int(s.get("grid_points", defaults.grid_points)))
+
+
 def _run_entry(em: EvalModel, opts: RunOptions, suite: Suite, e: SuiteEntry):
+    from .cross_retrieval import run_cross_retrieval
     from .image_retrieval import run_image_retrieval
     from .linear_probe import LinearProbeOptions, run_linear_probe
     from .retrieval import run_retrieval
@@ -136,6 +158,8 @@ def _run_entry(em: EvalModel, opts: RunOptions, suite: Suite, e: SuiteEntry):
         return run_retrieval(em, opts, root / s["annotations"], images=(root / images) if images else None,
                              split=s.get("split", "test"), name=name, count_check=s.get("count_check", True),
                              duplicate_captions=s.get("duplicate_captions", "auto"), fold_size=s.get("fold_size"))
+    if e.task == "cross-retrieval":
+        return run_cross_retrieval(em, opts, root / s["query"], root / s["gallery"], name=name)
     named = NAMED_DATASETS.get(s.get("dataset", ""))
     splits = named.splits if named else ("train", "test")
     data = (s.get("dataset") or str(root / s["data"])) if e.task != "linear-probe" else None
@@ -150,17 +174,24 @@ def _run_entry(em: EvalModel, opts: RunOptions, suite: Suite, e: SuiteEntry):
     test = s.get("dataset") or str(root / s["test"])
     return run_linear_probe(em, opts, train, test, root=str(root), train_split=s.get("train_split", splits[0]),
                             test_split=s.get("test_split", splits[1]), name=name,
-                            options=LinearProbeOptions(features=s.get("features", "pooled")))
+                            options=_probe_options(s),
+                            train_limit=s.get("train_limit"))
 
 
 def run_suite(em: EvalModel, opts: RunOptions, suite: Suite, *, only: Optional[str] = None,
-              log: Callable[[str], None] = print) -> List[EntryResult]:
-    """Run every entry (or those whose task or name contains ``only``); never stops at a failure."""
+              exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> List[EntryResult]:
+    """Run every entry (or those whose task or name contains ``only``, minus those whose task
+    is or name contains one of ``exclude``); never stops at a failure."""
     results: List[EntryResult] = []
     for e in suite.entries:
         if only and only not in e.label and only != e.task:
             continue
-        why = _missing(suite, e)
+        if any(x in e.label or x == e.task for x in exclude):
+            continue
+        if e.task in _TEXT_TASKS and not has_text_encoder(em.model):
+            why = f"{em.info.source} has no text encoder"
+        else:
+            why = _missing(suite, e)
         if why:
             results.append(EntryResult(e, "skipped", why))
             log(f"[{e.task}] {e.label}: skipped ({why})")
@@ -188,7 +219,8 @@ def run_suite(em: EvalModel, opts: RunOptions, suite: Suite, *, only: Optional[s
     return results
 
 
-_HEADLINE = {"retrieval": "rsum", "zeroshot": "acc1", "linear-probe": "lp_acc1", "image-retrieval": "recall@1"}
+_HEADLINE = {"retrieval": "rsum", "zeroshot": "acc1", "linear-probe": "lp_acc1", "image-retrieval": "recall@1",
+             "cross-retrieval": "recall@1"}
 
 
 def format_summary(results: List[EntryResult]) -> str:

@@ -28,6 +28,7 @@ DEFAULT_METRICS: Dict[str, Tuple[str, ...]] = {
     "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
     "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"),
     "image_retrieval": ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"),
+    "cross_retrieval": ("recall@1", "recall@5", "recall@10", "q2g_recall@1", "g2q_recall@1"),
 }
 _RAW = re.compile(r"rsum|l2_lambda|^C$")
 _SEED = re.compile(r"[-_.]seed[-_]?\d+$", re.IGNORECASE)
