@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # reinstall only when the dependency list changes
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install test bench demo clean
+.PHONY: install test bench demo study clean
 
 install: $(STAMP)
 
@@ -22,9 +22,13 @@ test: install
 bench: install
 	for b in pooling loader train eval; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
+# the main job: prepare the real corpora (data/), train, evaluate, write runs/demo/report.md
 demo: install
-	@echo "make demo arrives with the demo issue (#6): training and evaluation on the real corpora are not built yet." >&2
-	@exit 2
+	$(BIN)/mmrl demo $(ARGS)
+
+# the pooling study: tok/avg/gem/ggem/cgem x 3 seeds, runs/study/study.md
+study: install
+	$(BIN)/mmrl demo --study $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,10 @@
 """Shared fixtures."""
+from pathlib import Path
+
 import pytest
 import torch
+
+from helpers.corpora import prepared
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +15,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# the real demo corpora, prepared once per session (tests/helpers/corpora.py)
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("corpora")
+
+
+@pytest.fixture(scope="session")
+def emoji(corpora) -> dict:
+    return prepared(corpora, "emoji")
+
+
+@pytest.fixture(scope="session")
+def tuxpaint(corpora) -> dict:
+    return prepared(corpora, "tuxpaint")
+
+
+@pytest.fixture(scope="session")
+def fashion(corpora) -> dict:
+    return prepared(corpora, "fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def openclipart(corpora) -> dict:
+    return prepared(corpora, "openclipart")

@@ -21,46 +21,7 @@ from PIL import Image
 from mmrl.prepare import RECIPES, prepare
 from mmrl.prepare.common import PrepareError, caption_tokens, evenly_spaced, slug
 
-needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
-                               reason="the Debian-packaged corpora need apt-get and dpkg-deb")
-
-LIMITS = {"emoji": 150, "tuxpaint": 80, "fashion-mnist": 120, "openclipart": 60}
-
-
-@pytest.fixture(scope="session")
-def corpora(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("corpora")
-
-
-_FIRST_RUN: Dict[str, float] = {}
-
-
-def _prepared(root: Path, name: str) -> dict:
-    start = time.time()
-    path = prepare(name, root, limit=LIMITS[name], workers=2)
-    _FIRST_RUN.setdefault(name, time.time() - start)
-    assert path == root / name / "manifest.json"
-    return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="session")
-def emoji(corpora) -> dict:
-    return _prepared(corpora, "emoji")
-
-
-@pytest.fixture(scope="session")
-def tuxpaint(corpora) -> dict:
-    return _prepared(corpora, "tuxpaint")
-
-
-@pytest.fixture(scope="session")
-def fashion(corpora) -> dict:
-    return _prepared(corpora, "fashion-mnist")
-
-
-@pytest.fixture(scope="session")
-def openclipart(corpora) -> dict:
-    return _prepared(corpora, "openclipart")
+from helpers.corpora import LIMITS, needs_apt  # the session-wide corpora fixtures live in conftest.py
 
 
 def shard_samples(folder: Path) -> List[dict]:

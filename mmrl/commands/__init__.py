@@ -1,2 +1,2 @@
 """The ``mmrl`` subcommands; importing this package registers them with :mod:`mmrl.cli`."""
-from . import eval, models, prepare, shard, train  # noqa: F401
+from . import demo, eval, models, prepare, shard, train  # noqa: F401

@@ -1,0 +1,131 @@
+"""``runs/demo/report.md``: the demo's numbers beside its baselines, its plots and its files."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .floor import FloorCheck
+from .results import SHOWN_METRICS, EntryMetrics, fmt_metric
+
+__all__ = ["SECTIONS", "render_report"]
+
+SECTIONS = ("## Summary", "## Data", "## Training", "## Results", "## Quality floor", "## Files", "## Timings")
+_TASK_NAMES = {"retrieval": "text-image retrieval", "cross-retrieval": "cross-style image retrieval",
+               "zeroshot": "zero-shot classification", "image-retrieval": "image-to-image retrieval (same class)",
+               "linear-probe": "linear probe"}
+
+
+def _machine() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"{os.cpu_count()} cores, {device}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _results_table(labels: Sequence[str], entries: Dict[str, List[EntryMetrics]]) -> List[str]:
+    head = "| evaluation set | task | metric | " + " | ".join(labels) + " |"
+    lines = [head, "|" + "---|" * (3 + len(labels))]
+    index = {label: {e.key: e for e in entries.get(label, [])} for label in labels}
+    for e in entries[labels[0]]:
+        if e.status != "ok":
+            lines.append(f"| {e.name} | {_TASK_NAMES.get(e.task, e.task)} | {e.status}: {e.message} |"
+                         + " |" * len(labels))
+            continue
+        for key, label in SHOWN_METRICS.get(e.task, ()):
+            if key not in e.metrics:
+                continue
+            cells = []
+            for lab in labels:
+                other = index[lab].get(e.key)
+                cells.append(fmt_metric(other.metrics.get(key) if other and other.status == "ok" else None, key))
+            lines.append(f"| {e.name} | {_TASK_NAMES.get(e.task, e.task)} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _floor_table(checks: List[FloorCheck]) -> List[str]:
+    lines = ["| evaluation set | task | metric | trained | best baseline | gap | verdict |", "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        best = c.best_baseline
+        base = f"{fmt_metric(c.baselines[best])} ({best})" if best else "–"
+        gap = "–" if c.gap is None else f"{100 * c.gap:+.1f}"
+        verdict = "pass" if c.passed else ("no baseline" if best is None else "**FAIL**")
+        lines.append(f"| {c.name} | {_TASK_NAMES.get(c.task, c.task)} | {c.metric} | {fmt_metric(c.trained)} | "
+                     f"{base} | {gap} | {verdict} |")
+    return lines
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: Dict[str, dict],
+                  entries: Dict[str, List[EntryMetrics]], checks: List[FloorCheck], plots: Dict[str, Path],
+                  timings: Dict[str, float], out: Path, files: List[Path], reused: Dict[str, bool]) -> str:
+    """The report's markdown (every section of :data:`SECTIONS`, in order)."""
+    labels = ["trained"] + [b for b in cfg.baselines if b in entries]
+    failed = [c for c in checks if not c.passed]
+    rel = lambda p: os.path.relpath(p, out)  # noqa: E731 - links relative to the report
+    text_tower = "locked pretrained MiniLM-L6 (LiT), text features cached" if tcfg.lock_text else "trained from scratch"
+    lines = [
+        "# mmrl demo report", "",
+        f"Generated {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} by `mmrl demo` on {_machine()}.", "",
+        "## Summary", "",
+        f"A {tcfg.model} CLIP with **{tcfg.pool}** pooling ({text_tower}) trained for {summary.get('step')} steps of "
+        f"{tcfg.batch_size} image-text pairs on {', '.join(cfg.train_corpora)} and evaluated on data it never saw: "
+        "held-out emoji concepts in three drawing styles, Tux Paint stamps and Fashion-MNIST.", "",
+    ]
+    if checks:
+        verdict = (f"**Quality floor met**: the trained model beats every baseline by at least "
+                   f"{100 * cfg.floor_margin:.0f} points on all {len(checks)} checked sets."
+                   if not failed else
+                   f"**Quality floor NOT met** on {len(failed)} of {len(checks)} checked sets "
+                   f"({', '.join(f'{c.name} ({c.task})' for c in failed)}): margin below {100 * cfg.floor_margin:.0f} points.")
+        lines += [verdict, ""]
+    # data
+    lines += ["## Data", "", "| corpus | counts | prepared in |", "|---|---|---|"]
+    for name, man in manifests.items():
+        counts = man.get("counts", {})
+        shown = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items()
+                          if not isinstance(v, dict))
+        lines.append(f"| {name} | {shown} | {man.get('seconds', 0):.0f} s |")
+    if cfg.prepare_limit:
+        lines += ["", f"Corpora capped at {cfg.prepare_limit} source items each (`prepare_limit`): a CI-sized run."]
+    # training
+    last = records[-1] if records else {}
+    rates = [r["samples_per_s"] for r in records if isinstance(r.get("samples_per_s"), (int, float))]
+    aug = tcfg.aug
+    lines += ["", "## Training", "",
+              f"- recipe: `{rel(Path(tcfg.output_dir).parent / (Path(tcfg.output_dir).name + '.yaml'))}` "
+              f"(the demo config's `train:` section), run in `{rel(Path(tcfg.output_dir))}`"
+              + (" (reused: finished earlier with the same recipe)" if reused.get("train") else ""),
+              f"- model `{tcfg.model}`, pooling `{tcfg.pool}` {tcfg.pool_kwargs or ''}, text tower {text_tower}",
+              f"- {summary.get('step')} steps x batch {tcfg.batch_size}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, cosine), "
+              f"weight decay {tcfg.weight_decay:g}, GGeM p lr x{tcfg.p_lr_mult:g}, {tcfg.precision}, ZeRO-{tcfg.zero_stage}",
+              f"- augmentation: crop scale {tuple(aug.scale)}, grayscale p={aug.grayscale:g}, invert p={aug.invert:g}, "
+              f"low resolution p={aug.low_res:g} (side {tuple(aug.low_res_size)})",
+              f"- final loss {summary.get('final_loss', float('nan')):.3f}, logit scale {last.get('logit_scale', float('nan')):.2f}, "
+              f"median {sorted(rates)[len(rates) // 2] if rates else float('nan'):.0f} samples/s, "
+              f"skipped samples {summary.get('skipped_samples', 0)}",
+              "", f"![loss curve]({rel(plots['loss'])})", "", f"![learned p per group]({rel(plots['pooling_p'])})", ""]
+    # results
+    lines += ["## Results", "",
+              "Recall and accuracy in percent. Baselines: *untrained* is the same architecture at initialisation "
+              "(the recipe's seed; a locked pretrained text tower stays pretrained); *raw-pixels* represents an "
+              f"image by its {cfg.raw_pixel_size}x{cfg.raw_pixel_size} RGB pixels (nearest neighbour for image "
+              "retrieval, logistic regression for the linear probe; it has no text side).", ""]
+    lines += _results_table(labels, entries)
+    lines += ["", f"![Recall@K per evaluation set]({rel(plots['recalls'])})", ""]
+    # floor
+    lines += ["## Quality floor", "",
+              f"Headline metric per set; pass when trained - best baseline >= {100 * cfg.floor_margin:.0f} points.", ""]
+    lines += _floor_table(checks) if checks else ["No floor set was evaluated."]
+    # files
+    lines += ["", "## Files", ""]
+    lines += [f"- `{rel(p)}`" for p in files]
+    # timings
+    lines += ["", "## Timings", "", "| phase | wall time |", "|---|---|"]
+    lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in timings.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,95 @@
+"""``mmrl demo``: prepare the real corpora, train a small GGeM CLIP on CPU with ``mmrl train``,
+evaluate it and its baselines with the demo suite, and write ``<out>/report.md`` with plots and
+result JSONs. Every step reuses finished work (see :mod:`mmrl.demo.steps`)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from ..fileio import atomic_write_text
+from .config import DemoConfig
+from .floor import floor_checks
+from .plots import plot_loss, plot_pooling_p, plot_recalls, read_log
+from .report import render_report
+from .results import recall_curves
+from .steps import build_untrained, evaluate, prepare_corpora, run_training, train_shards
+
+__all__ = ["run_demo", "DemoOutcome"]
+
+
+class DemoOutcome(dict):
+    """``report`` (path), ``passed`` (quality floor), ``checks``, ``timings``."""
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None] = _log) -> DemoOutcome:
+    t_all = time.perf_counter()
+    timings: Dict[str, float] = {}
+    root, out = Path(cfg.root).resolve(), Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    manifests = prepare_corpora(cfg.corpora, root, cfg.limit_for, log)
+    timings["prepare corpora"] = time.perf_counter() - t0
+
+    tcfg = cfg.train_config(train_shards(root, cfg.train_corpora), out / "train")
+    t0 = time.perf_counter()
+    summary, reused_run = run_training(tcfg, force, log)
+    timings["train (reused)" if reused_run else "train"] = time.perf_counter() - t0
+    reused = {"train": reused_run}
+
+    models = {"trained": str(out / "train" / "model")}
+    if "untrained" in cfg.baselines:
+        models["untrained"] = str(build_untrained(tcfg, out / "untrained", log))
+    if "raw-pixels" in cfg.baselines:
+        models["raw-pixels"] = f"raw-pixels:{cfg.raw_pixel_size}"
+    entries = {}
+    for label, spec in models.items():
+        t0 = time.perf_counter()
+        entries[label] = evaluate(spec, Path(cfg.suite), root, out / "eval" / label, only=cfg.only,
+                                  batch_size=cfg.eval_batch_size, workers=cfg.eval_workers, log=log, force=force)
+        timings[f"evaluate {label}"] = time.perf_counter() - t0
+
+    checks = floor_checks(entries["trained"], {k: v for k, v in entries.items() if k != "trained"}, cfg.floor_margin)
+    records = read_log(out / "train" / "log.jsonl") if (out / "train" / "log.jsonl").is_file() else []
+    plots_dir = out / "plots"
+    init_p = (tcfg.pool_kwargs or {}).get("p_init", 3.0) if tcfg.pool in ("gem", "ggem", "cgem") else None
+    curves = {}
+    for e in entries["trained"]:
+        if e.status != "ok" or e.task not in ("retrieval", "cross-retrieval", "image-retrieval"):
+            continue
+        per_model = {}
+        for label, items in entries.items():
+            match = next((x for x in items if x.key == e.key and x.status == "ok"), None)
+            if match is not None and recall_curves(match):
+                per_model[label] = recall_curves(match)
+        curves[f"{e.name} ({e.task})"] = per_model
+    plots = {
+        "loss": plot_loss(records, plots_dir / "loss.png", title=f"training loss ({tcfg.pool}, {tcfg.model})"),
+        "pooling_p": plot_pooling_p(records, plots_dir / "ggem_p.png", init=init_p),
+        "recalls": plot_recalls(curves, plots_dir / "recall_at_k.png"),
+    }
+    timings["total"] = time.perf_counter() - t_all
+    files = sorted(p for p in (out / "eval").rglob("*.json") if ".mmrl" not in p.parts)
+    files += sorted(plots.values()) + [out / "train" / "model"]
+    result = {
+        "passed": all(c.passed for c in checks) and bool(checks),
+        "checks": [dict(task=c.task, name=c.name, metric=c.metric, trained=c.trained, baselines=c.baselines,
+                        gap=c.gap, passed=c.passed) for c in checks],
+        "timings": timings,
+        "train": summary,
+        "model": models["trained"],
+    }
+    atomic_write_text(out / "demo.json", json.dumps(result, indent=1, allow_nan=True) + "\n")
+    files.append(out / "demo.json")
+    text = render_report(cfg=cfg, tcfg=tcfg, summary=summary, records=records, manifests=manifests, entries=entries,
+                         checks=checks, plots=plots, timings=timings, out=out, files=files, reused=reused)
+    report = atomic_write_text(out / "report.md", text)
+    log(f"report: {report} ({'quality floor met' if result['passed'] else 'quality floor NOT met'}; "
+        f"{timings['total'] / 60:.1f} min)")
+    return DemoOutcome(report=report, **result)

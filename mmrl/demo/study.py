@@ -1,0 +1,178 @@
+"""``mmrl demo --study``: the paper's claim (GGeM beats the class token, average pooling and GeM)
+tested at the demo's scale -- the same recipe and budget for every pooling, several seeds each,
+every metric as mean +- std in one table (``mmrl eval table``), a plot with error bars and a
+verdict written from the numbers.
+
+A difference "exceeds the seed spread" when the two poolings' mean +- one sample standard
+deviation intervals do not overlap (with 3 seeds this is a coarse test, said as such).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..evaluation.table import build_table, collect
+from ..fileio import atomic_write_text
+from .config import DemoConfig
+from .plots import plot_study
+from .results import HEADLINE
+from .steps import evaluate, prepare_corpora, run_training, train_shards
+
+__all__ = ["run_study", "Stat", "compare_pools", "verdict_sentences"]
+
+_BASELINE_POOLS = ("tok", "avg", "gem")
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float  # sample std (0 with one seed)
+    n: int
+
+    @property
+    def lo(self) -> float:
+        return self.mean - self.std
+
+    @property
+    def hi(self) -> float:
+        return self.mean + self.std
+
+
+def _stat(values: List[float]) -> Stat:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Stat(mean, std, n)
+
+
+def separated(a: Stat, b: Stat) -> bool:
+    """True when the +-1 std intervals do not overlap (and there is more than one seed each)."""
+    return a.n > 1 and b.n > 1 and (a.lo > b.hi or b.lo > a.hi)
+
+
+def compare_pools(values: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str, Stat]]:
+    """metric -> pool -> per-seed values  =>  metric -> pool -> Stat."""
+    return {m: {p: _stat(v) for p, v in per.items() if v} for m, per in values.items()}
+
+
+def verdict_sentences(stats: Dict[str, Dict[str, Stat]], focus: str = "ggem") -> List[str]:
+    """Sentences written from the numbers: the winner per metric (and whether its lead over the
+    runner-up exceeds the seed spread), then ``focus`` against each baseline pooling."""
+    out = []
+    wins: Dict[str, int] = {}
+    clear: Dict[str, int] = {}
+    for metric, per in stats.items():
+        ranked = sorted(per.items(), key=lambda kv: kv[1].mean, reverse=True)
+        if len(ranked) < 2:
+            continue
+        (w, ws), (r, rs) = ranked[0], ranked[1]
+        wins[w] = wins.get(w, 0) + 1
+        sep = separated(ws, rs)
+        clear[w] = clear.get(w, 0) + int(sep)
+        out.append(f"- {metric}: **{w}** is best ({100 * ws.mean:.1f} ± {100 * ws.std:.1f}), ahead of {r} "
+                   f"({100 * rs.mean:.1f} ± {100 * rs.std:.1f}) by {100 * (ws.mean - rs.mean):.1f} points, "
+                   + ("which exceeds the seed spread." if sep else "within the seed spread."))
+    n_metrics = sum(1 for per in stats.values() if len(per) >= 2)
+    if not n_metrics:
+        return ["Not enough poolings were run to compare."]
+    board = ", ".join(f"{p} {wins[p]} ({clear.get(p, 0)} beyond the spread)"
+                      for p in sorted(wins, key=wins.get, reverse=True))
+    summary = [f"Best mean per metric, over {n_metrics} metrics: {board}."]
+    compared, beaten = [], []
+    for base in _BASELINE_POOLS:
+        pairs = [(per[focus], per[base]) for per in stats.values() if focus in per and base in per]
+        if not pairs:
+            continue
+        compared.append(base)
+        higher = sum(1 for f, b in pairs if f.mean > b.mean)
+        above = sum(1 for f, b in pairs if f.mean > b.mean and separated(f, b))
+        below = sum(1 for f, b in pairs if f.mean < b.mean and separated(f, b))
+        summary.append(f"{focus} vs {base}: higher mean on {higher} of {len(pairs)} metrics; clearly higher "
+                       f"(beyond the seed spread) on {above}, clearly lower on {below}.")
+        if above > below:
+            beaten.append(base)
+    if compared and len(beaten) == len(compared):
+        summary.append(f"At this scale the paper's claim holds: {focus} beats {', '.join(compared)} on more metrics "
+                       "beyond the seed spread than it loses to each.")
+    elif compared:
+        summary.append(f"At this scale the paper's claim is not confirmed: {focus} does not clearly beat "
+                       f"{', '.join(b for b in compared if b not in beaten)} (the differences are within the seed "
+                       "spread, or against it).")
+    return summary + [""] + out
+
+
+def _headline_values(eval_dir: Path) -> Dict[str, float]:
+    from .results import read_suite
+
+    summary = next(iter(sorted(eval_dir.glob("suite_*.json"))), None)
+    if summary is None:
+        return {}
+    out = {}
+    for e in read_suite(summary):
+        v = e.headline()
+        if v is not None and math.isfinite(v):
+            out[f"{e.name} {e.task} ({HEADLINE[e.task][1]})"] = v
+    return out
+
+
+def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    t_all = time.perf_counter()
+    root, out = Path(cfg.root).resolve(), Path(cfg.study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_corpora(cfg.corpora, root, cfg.limit_for, log)
+    shards = train_shards(root, cfg.train_corpora)
+    runs: List[Tuple[str, int, Path]] = []
+    seconds: Dict[str, float] = {}
+    total = len(cfg.study.pools) * len(cfg.study.seeds)
+    for pool in cfg.study.pools:
+        for seed in cfg.study.seeds:
+            name = f"{pool}-seed{seed}"
+            log(f"study run {len(runs) + 1}/{total}: {name}")
+            t0 = time.perf_counter()
+            extra = dict(cfg.study.train, pool=pool, seed=seed)
+            if pool not in ("gem", "ggem", "cgem"):
+                extra["pool_kwargs"] = {}
+            tcfg = cfg.train_config(shards, out / name / "train", extra=extra, prefix="study.train.")
+            run_training(tcfg, force, log)
+            evaluate(str(out / name / "train" / "model"), Path(cfg.suite), root, out / "eval" / name,
+                     only=cfg.study.only or cfg.only, batch_size=cfg.eval_batch_size, workers=cfg.eval_workers,
+                     log=log, force=force, exclude=cfg.study.exclude)
+            seconds[name] = time.perf_counter() - t0
+            runs.append((pool, seed, out / "eval" / name))
+    # one table, exactly what `mmrl eval table runs/study/eval/*` prints
+    columns = collect([str(d) for _, _, d in runs])
+    table = build_table(columns)
+    atomic_write_text(out / "table.md", table)
+    atomic_write_text(out / "table.csv", build_table(columns, fmt="csv"))
+    values: Dict[str, Dict[str, List[float]]] = {}
+    for pool, _, d in runs:
+        for metric, v in _headline_values(d).items():
+            values.setdefault(metric, {}).setdefault(pool, []).append(v)
+    stats = compare_pools(values)
+    plot = plot_study({m: {p: (100 * s.mean, 100 * s.std, s.n) for p, s in per.items()} for m, per in stats.items()},
+                      out / "study.png")
+    sentences = verdict_sentences(stats)
+    runtime = time.perf_counter() - t_all
+    per_run = sorted(seconds.values())
+    lines = ["# Pooling study", "",
+             f"Poolings {', '.join(cfg.study.pools)}; seeds {', '.join(map(str, cfg.study.seeds))}; the demo's recipe "
+             f"and budget for each (overrides: {cfg.study.train or 'none'}).", "",
+             "## Verdict", ""] + sentences + [
+             "", "Intervals are mean ± one sample standard deviation over seeds; \"beyond the seed spread\" means "
+             "the two intervals do not overlap.", "",
+             "## Headline metrics", "", "![pooling study](study.png)", "",
+             "## Every metric (`mmrl eval table " + " ".join(str(d) for _, _, d in runs) + "`)", "", table,
+             "## Runtime", "",
+             f"{len(runs)} runs in {runtime / 60:.1f} min (train + evaluate; median {per_run[len(per_run) // 2] / 60:.1f} "
+             f"min per run, reused runs count as the time to check them).", ""]
+    atomic_write_text(out / "study.md", "\n".join(lines))
+    result = {"runs": [f"{p}-seed{s}" for p, s, _ in runs], "seconds": seconds, "runtime_s": runtime,
+              "stats": {m: {p: vars(s) for p, s in per.items()} for m, per in stats.items()},
+              "verdict": sentences, "table": str(out / "table.md"), "plot": str(plot)}
+    atomic_write_text(out / "study.json", json.dumps(result, indent=1) + "\n")
+    log(f"study: {out / 'study.md'} ({runtime / 60:.1f} min)")
+    return result

@@ -1,0 +1,180 @@
+"""``mmrl demo`` end to end at CI size (real corpora sliced with ``limit=``, a few training steps),
+its reuse of finished work, the pooling study, and the study's verdict logic."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers.corpora import LIMITS, needs_apt
+from mmrl.cli import main
+from mmrl.config import ConfigError, load_config
+from mmrl.demo import DemoConfig
+from mmrl.demo.report import SECTIONS
+from mmrl.demo.study import Stat, separated, verdict_sentences
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT_ARGS = "prepare_limits={" + ", ".join(f"{k}: {LIMITS[k]}" for k in ("emoji", "tuxpaint", "fashion-mnist")) + "}"
+CI_TRAIN = ["train.max_steps=3", "train.batch_size=16", "train.warmup_steps=1", "train.save_every=2",
+            "train.log_every=1", "train.workers=0", "eval_batch_size=64", "eval_workers=0", "check_floor=false"]
+
+
+def _finite_metrics(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    metrics = {k: v for k, v in data["metrics"].items() if isinstance(v, (int, float))}
+    assert metrics, path
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    assert not bad, f"{path}: non-finite metrics {bad}"
+    return metrics
+
+
+def _demo_args(corpora: Path, out: Path) -> list:
+    return ["demo", str(REPO / "configs" / "demo.yaml"), f"root={corpora}", f"out={out}",
+            f"suite={REPO / 'eval' / 'suites' / 'demo.yaml'}", LIMIT_ARGS, *CI_TRAIN]
+
+
+@needs_apt
+def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, capsys):
+    out = tmp_path / "demo"
+    assert main(_demo_args(corpora, out)) == 0
+    report = (out / "report.md").read_text()
+    # every section, in order
+    positions = [report.index(s + "\n") for s in SECTIONS]
+    assert positions == sorted(positions)
+    # plots: real PNGs, linked from the report
+    for name in ("loss.png", "ggem_p.png", "recall_at_k.png"):
+        png = out / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"(plots/{name})" in report
+    # every suite entry ran for the trained and untrained models; raw pixels skip text tasks only
+    suite = yaml.safe_load((REPO / "eval" / "suites" / "demo.yaml").read_text())
+    expected = {(e["task"], e.get("name")) for e in suite["entries"]}
+    for label in ("trained", "untrained", "raw-pixels"):
+        summary = json.loads((out / "eval" / label / "suite_demo.json").read_text())
+        got = {(e["task"], e["name"]): e for e in summary["entries"]}
+        assert set(got) == expected
+        for (task, _), e in got.items():
+            if label == "raw-pixels" and task in ("retrieval", "zeroshot"):
+                assert e["status"] == "skipped" and "text" in e["message"]
+                continue
+            assert e["status"] == "ok", e
+            metrics = _finite_metrics(Path(e["result"]))
+            assert Path(e["result"]).parent == out / "eval" / label
+            assert metrics == pytest.approx(e["metrics"])
+    # the results table shows trained and both baselines; the floor table has one row per floor set
+    assert "| evaluation set | task | metric | trained | untrained | raw-pixels |" in report
+    demo = json.loads((out / "demo.json").read_text())
+    floor_sets = sum(1 for e in suite["entries"] if e["task"] in ("retrieval", "cross-retrieval", "image-retrieval")
+                     or (e["task"] == "zeroshot" and e.get("name") == "fashion-mnist"))
+    assert len(demo["checks"]) == floor_sets
+    assert all(math.isfinite(c["trained"]) and c["baselines"] for c in demo["checks"])
+    assert len(re.findall(r"^\| .* \| (pass|\*\*FAIL\*\*) \|$", report, flags=re.M)) == floor_sets
+    # the exported model is a regular mmrl/open_clip model folder
+    import mmrl
+
+    model, _, _ = mmrl.load_model(out / "train" / "model")
+    assert model.visual.pool_type == "ggem"
+    log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r][-1] == 3
+
+    # second run: the finished training run and evaluations are reused, the report rewritten
+    weights = out / "train" / "model" / "open_clip_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_demo_args(corpora, out)) == 0
+    printed = capsys.readouterr().out
+    assert "train: reusing the finished run" in printed
+    assert printed.count("eval ") and "reusing" in printed
+    assert weights.stat().st_mtime_ns == stamp
+    # a changed recipe is not mistaken for the finished run
+    from mmrl.demo.steps import finished_run
+
+    cfg = load_config(DemoConfig, REPO / "configs" / "demo.yaml",
+                      [f"root={corpora}", f"out={out}", LIMIT_ARGS, *CI_TRAIN])
+    tcfg = cfg.train_config(str(corpora / "emoji" / "train"), out / "train")
+    assert finished_run(tcfg) is not None
+    assert finished_run(cfg.train_config(str(corpora / "emoji" / "train"), out / "train", {"lr": 1e-4})) is None
+
+
+@needs_apt
+def test_study_table_plot_and_verdict(tmp_path, corpora, emoji, tuxpaint, fashion):
+    out = tmp_path / "study"
+    args = ["demo", "--study"] + _demo_args(corpora, tmp_path / "demo")[1:] + [
+        f"study.out={out}", "study.pools=[avg, ggem]", "study.seeds=[0, 1]", "study.only=emoji-noto",
+        "study.train.max_steps=2", "study.train.warmup_steps=1"]
+    assert main(args) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["runs"] == ["avg-seed0", "avg-seed1", "ggem-seed0", "ggem-seed1"]
+    for run in study["runs"]:
+        cfg = yaml.safe_load((out / run / "train" / "config.yaml").read_text())
+        assert cfg["pool"] == run.split("-")[0] and cfg["seed"] == int(run[-1]) and cfg["max_steps"] == 2
+    table = (out / "table.md").read_text()
+    assert "| dataset | task | metric | avg | ggem |" in table
+    assert re.search(r"\| emoji-noto \| zeroshot_retrieval \| rsum \| [\d.]+ ± [\d.]+ \(n=2\) \| [\d.]+ ± [\d.]+ \(n=2\) \|", table)
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    text = (out / "study.md").read_text()
+    assert "## Verdict" in text and "ggem vs avg:" in text and "## Runtime" in text
+    for metric, per in study["stats"].items():
+        assert set(per) == {"avg", "ggem"} and all(s["n"] == 2 and math.isfinite(s["mean"]) for s in per.values())
+
+
+def test_verdict_follows_the_numbers():
+    tight = lambda m: Stat(m, 0.005, 3)  # noqa: E731
+    wide = lambda m: Stat(m, 0.05, 3)    # noqa: E731
+    assert separated(tight(0.50), tight(0.52)) and not separated(wide(0.50), wide(0.52))
+    assert not separated(Stat(0.5, 0.0, 1), Stat(0.9, 0.0, 1))  # one seed: no spread to compare with
+    clear = {"m1": {"ggem": tight(0.60), "avg": tight(0.50), "tok": tight(0.40), "gem": tight(0.55)},
+             "m2": {"ggem": tight(0.70), "avg": tight(0.65), "tok": tight(0.60), "gem": tight(0.62)}}
+    text = "\n".join(verdict_sentences(clear))
+    assert "claim holds" in text and "ggem vs gem: higher mean on 2 of 2 metrics; clearly higher" in text
+    assert "- m1: **ggem** is best" in text and "exceeds the seed spread" in text
+    noisy = {"m1": {"ggem": wide(0.52), "avg": wide(0.50), "tok": wide(0.49), "gem": wide(0.51)}}
+    text = "\n".join(verdict_sentences(noisy))
+    assert "not confirmed" in text and "within the seed spread" in text
+    losing = {"m1": {"ggem": tight(0.40), "avg": tight(0.50), "tok": tight(0.45), "gem": tight(0.55)}}
+    text = "\n".join(verdict_sentences(losing))
+    assert "- m1: **gem** is best" in text and "clearly lower on 1" in text and "not confirmed" in text
+
+
+def test_demo_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="train.foo"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.foo=1"])
+    with pytest.raises(ConfigError, match="'train.output_dir': set by the demo"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.output_dir=x"])
+    with pytest.raises(ConfigError, match="study.pools"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["study.pools=[ggem, best]"])
+    with pytest.raises(ConfigError, match="train_corpora"):
+        load_config(DemoConfig, None, ["corpora=[emoji]", "train_corpora=[openclipart]"])
+    with pytest.raises(ConfigError, match="train.aug.invert"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.aug.invert=2"])
+
+
+def test_floor_checks_compare_with_the_best_baseline():
+    from mmrl.demo.floor import floor_checks
+    from mmrl.demo.results import EntryMetrics
+
+    def ret(r):  # text-image retrieval entry whose six recalls all equal r
+        return {f"{d}_retrieval_recall@{k}": r for d in ("image", "text") for k in (1, 5, 10)}
+
+    trained = [EntryMetrics("emoji-noto", "retrieval", "ok", metrics=ret(0.30)),
+               EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.40}),
+               EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.18}),
+               EntryMetrics("emoji-category", "zeroshot", "ok", metrics={"acc1": 0.5}),     # not a floor set
+               EntryMetrics("fashion-mnist", "linear-probe", "ok", metrics={"lp_acc1": 0.7})]  # not a floor set
+    baselines = {"untrained": [EntryMetrics("emoji-noto", "retrieval", "ok", metrics=ret(0.02)),
+                               EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.10}),
+                               EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.14})],
+                 "raw-pixels": [EntryMetrics("emoji-noto", "retrieval", "skipped", "no text encoder"),
+                                EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.37})]}
+    checks = {(c.task, c.name): c for c in floor_checks(trained, baselines, margin=0.05)}
+    assert set(checks) == {("retrieval", "emoji-noto"), ("cross-retrieval", "a-b"), ("zeroshot", "fashion-mnist")}
+    ret_check = checks[("retrieval", "emoji-noto")]
+    assert ret_check.baselines == {"untrained": pytest.approx(0.02)} and ret_check.passed
+    cross = checks[("cross-retrieval", "a-b")]
+    assert cross.best_baseline == "raw-pixels" and cross.gap == pytest.approx(0.03) and not cross.passed
+    fm = checks[("zeroshot", "fashion-mnist")]
+    assert fm.gap == pytest.approx(0.04) and not fm.passed  # 4 points < the 5-point margin
