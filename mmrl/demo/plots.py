@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -159,7 +160,7 @@ def plot_study(metrics: Mapping[str, Mapping[str, Tuple[float, float, int]]], pa
         hi = max(m + s for m, s in zip(means, stds))
         pad = max(0.5, 0.25 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), hi + pad)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(textwrap.fill(name, 38), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     for i in range(len(names), rows_n * cols):
         axes[i // cols][i % cols].set_axis_off()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,34 @@ def _headline_values(eval_dir: Path) -> Dict[str, float]:
     return out
 
 
+def learned_p_sentences(finals: Dict[str, List[List[float]]], init: float = 3.0) -> List[str]:
+    """pool -> each seed's final exponents (one per group) => sentences on how far they moved."""
+    out = []
+    for pool, runs in finals.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        lo, hi = min(min(r) for r in runs), max(max(r) for r in runs)
+        spread = sum(max(r) - min(r) for r in runs) / len(runs)
+        groups = len(runs[0])
+        text = (f"{pool}: final p over {len(runs)} seeds in [{lo:.2f}, {hi:.2f}] (init {init:g}); "
+                + (f"across its {groups} groups the exponents differ by {spread:.2f} on average." if groups > 1
+                   else "one exponent for all channels."))
+        if groups > 1 and spread < 0.5:
+            text += (" With exponents this close to each other, grouped pooling computes nearly what single-p GeM "
+                     "computes at this budget.")
+        out.append(text)
+    return out
+
+
+def _final_p(train_dir: Path) -> List[float]:
+    from .plots import read_log
+
+    log = train_dir / "log.jsonl"
+    rows = [r for r in read_log(log) if isinstance(r.get("ggem_p"), list)] if log.is_file() else []
+    return [float(v) for v in rows[-1]["ggem_p"]] if rows else []
+
+
 def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
     t_all = time.perf_counter()
     root, out = Path(cfg.root).resolve(), Path(cfg.study.out)
@@ -128,6 +157,10 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     runs: List[Tuple[str, int, Path]] = []
     seconds: Dict[str, float] = {}
     total = len(cfg.study.pools) * len(cfg.study.seeds)
+    try:
+        previous = json.loads((out / "study.json").read_text(encoding="utf-8")).get("seconds", {})
+    except (OSError, ValueError):
+        previous = {}
     for pool in cfg.study.pools:
         for seed in cfg.study.seeds:
             name = f"{pool}-seed{seed}"
@@ -137,11 +170,13 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
             if pool not in ("gem", "ggem", "cgem"):
                 extra["pool_kwargs"] = {}
             tcfg = cfg.train_config(shards, out / name / "train", extra=extra, prefix="study.train.")
-            run_training(tcfg, force, log)
+            _, reused = run_training(tcfg, force, log)
+            reused = reused and (out / "eval" / name / ".mmrl" / "evaluated.json").is_file()
             evaluate(str(out / name / "train" / "model"), Path(cfg.suite), root, out / "eval" / name,
                      only=cfg.study.only or cfg.only, batch_size=cfg.eval_batch_size, workers=cfg.eval_workers,
                      log=log, force=force, exclude=cfg.study.exclude)
-            seconds[name] = time.perf_counter() - t0
+            # a reused run keeps the time measured when it ran (study.json of that invocation)
+            seconds[name] = previous.get(name, time.perf_counter() - t0) if reused else time.perf_counter() - t0
             runs.append((pool, seed, out / "eval" / name))
     # one table, exactly what `mmrl eval table runs/study/eval/*` prints
     columns = collect([str(d) for _, _, d in runs])
@@ -155,7 +190,11 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     stats = compare_pools(values)
     plot = plot_study({m: {p: (100 * s.mean, 100 * s.std, s.n) for p, s in per.items()} for m, per in stats.items()},
                       out / "study.png")
-    sentences = verdict_sentences(stats)
+    finals: Dict[str, List[List[float]]] = {}
+    for pool, seed, _ in runs:
+        if pool in ("gem", "ggem", "cgem"):
+            finals.setdefault(pool, []).append(_final_p(out / f"{pool}-seed{seed}" / "train"))
+    sentences = verdict_sentences(stats) + ["", "Learned exponents:", ""] + [f"- {t}" for t in learned_p_sentences(finals)]
     runtime = time.perf_counter() - t_all
     per_run = sorted(seconds.values())
     lines = ["# Pooling study", "",
@@ -167,8 +206,9 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
              "## Headline metrics", "", "![pooling study](study.png)", "",
              "## Every metric (`mmrl eval table " + " ".join(str(d) for _, _, d in runs) + "`)", "", table,
              "## Runtime", "",
-             f"{len(runs)} runs in {runtime / 60:.1f} min (train + evaluate; median {per_run[len(per_run) // 2] / 60:.1f} "
-             f"min per run, reused runs count as the time to check them).", ""]
+             f"{len(runs)} runs took {sum(per_run) / 60:.1f} min of training and evaluation (median "
+             f"{per_run[len(per_run) // 2] / 60:.1f} min per run, slowest {per_run[-1] / 60:.1f} min) on "
+             f"{os.cpu_count()} cores; this invocation took {runtime / 60:.1f} min (finished runs are reused).", ""]
     atomic_write_text(out / "study.md", "\n".join(lines))
     result = {"runs": [f"{p}-seed{s}" for p, s, _ in runs], "seconds": seconds, "runtime_s": runtime,
               "stats": {m: {p: vars(s) for p, s in per.items()} for m, per in stats.items()},
