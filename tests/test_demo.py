@@ -178,3 +178,12 @@ def test_floor_checks_compare_with_the_best_baseline():
     assert cross.best_baseline == "raw-pixels" and cross.gap == pytest.approx(0.03) and not cross.passed
     fm = checks[("zeroshot", "fashion-mnist")]
     assert fm.gap == pytest.approx(0.04) and not fm.passed  # 4 points < the 5-point margin
+
+
+def test_learned_p_sentences_measure_the_spread_between_groups():
+    from mmrl.demo.study import learned_p_sentences
+
+    close = learned_p_sentences({"ggem": [[2.9, 3.1], [3.0, 3.2]], "cgem": [[1.5, 4.5]], "gem": [[3.3]]})[0:3]
+    assert "in [2.90, 3.20]" in close[0] and "differ by 0.20 on average" in close[0] and "nearly what" in close[0]
+    assert "differ by 3.00" in close[1] and "nearly what" not in close[1]
+    assert "one exponent for all channels" in close[2]
