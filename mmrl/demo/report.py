@@ -63,7 +63,8 @@ def _fmt_seconds(s: float) -> str:
 
 def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: Dict[str, dict],
                   entries: Dict[str, List[EntryMetrics]], checks: List[FloorCheck], plots: Dict[str, Path],
-                  timings: Dict[str, float], out: Path, files: List[Path], reused: Dict[str, bool]) -> str:
+                  timings: Dict[str, float], out: Path, files: List[Path], reused: Dict[str, bool],
+                  measured: Optional[Dict[str, float]] = None) -> str:
     """The report's markdown (every section of :data:`SECTIONS`, in order)."""
     labels = ["trained"] + [b for b in cfg.baselines if b in entries]
     failed = [c for c in checks if not c.passed]
@@ -128,4 +129,8 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
     # timings
     lines += ["", "## Timings", "", "| phase | wall time |", "|---|---|"]
     lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in timings.items()]
+    if measured and measured is not timings:
+        lines += ["", "This run reused the finished training run; the run that trained it took:", "",
+                  "| phase | wall time |", "|---|---|"]
+        lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in measured.items()]
     return "\n".join(lines) + "\n"
