@@ -9,7 +9,7 @@ import json
 import math
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ..fileio import atomic_write_bytes
 
