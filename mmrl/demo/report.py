@@ -63,7 +63,7 @@ def _fmt_seconds(s: float) -> str:
 
 def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: Dict[str, dict],
                   entries: Dict[str, List[EntryMetrics]], checks: List[FloorCheck], plots: Dict[str, Path],
-                  timings: Dict[str, float], out: Path, files: List[Path], reused: Dict[str, bool],
+                  timings: Dict[str, float], out: Path, files: List[Path], train_reused: bool,
                   measured: Optional[Dict[str, float]] = None) -> str:
     """The report's markdown (every section of :data:`SECTIONS`, in order)."""
     labels = ["trained"] + [b for b in cfg.baselines if b in entries]
@@ -101,7 +101,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
     lines += ["", "## Training", "",
               f"- recipe: `{rel(Path(tcfg.output_dir).parent / (Path(tcfg.output_dir).name + '.yaml'))}` "
               f"(the demo config's `train:` section), run in `{rel(Path(tcfg.output_dir))}`"
-              + (" (reused: finished earlier with the same recipe)" if reused.get("train") else ""),
+              + (" (reused: finished earlier with the same recipe)" if train_reused else ""),
               f"- model `{tcfg.model}`, pooling `{tcfg.pool}` {tcfg.pool_kwargs or ''}, text tower {text_tower}",
               f"- {summary.get('step')} steps x batch {tcfg.batch_size}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, cosine), "
               f"weight decay {tcfg.weight_decay:g}, GGeM p lr x{tcfg.p_lr_mult:g}, {tcfg.precision}, ZeRO-{tcfg.zero_stage}",

@@ -41,7 +41,6 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     t0 = time.perf_counter()
     summary, reused_run = run_training(tcfg, force, log)
     timings["train (reused)" if reused_run else "train"] = time.perf_counter() - t0
-    reused = {"train": reused_run}
 
     models = {"trained": str(out / "train" / "model")}
     if "untrained" in cfg.baselines:
@@ -51,7 +50,7 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     entries = {}
     for label, spec in models.items():
         t0 = time.perf_counter()
-        entries[label] = evaluate(spec, Path(cfg.suite), root, out / "eval" / label, only=cfg.only,
+        entries[label], _ = evaluate(spec, Path(cfg.suite), root, out / "eval" / label, only=cfg.only,
                                   batch_size=cfg.eval_batch_size, workers=cfg.eval_workers, log=log, force=force)
         timings[f"evaluate {label}"] = time.perf_counter() - t0
 
@@ -66,8 +65,9 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
         per_model = {}
         for label, items in entries.items():
             match = next((x for x in items if x.key == e.key and x.status == "ok"), None)
-            if match is not None and recall_curves(match):
-                per_model[label] = recall_curves(match)
+            curve = recall_curves(match) if match is not None else {}
+            if curve:
+                per_model[label] = curve
         curves[f"{e.name} ({e.task})"] = per_model
     plots = {
         "loss": plot_loss(records, plots_dir / "loss.png", title=f"training loss ({tcfg.pool}, {tcfg.model})"),
@@ -97,7 +97,8 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1, allow_nan=True) + "\n")
     files.append(out / "demo.json")
     text = render_report(cfg=cfg, tcfg=tcfg, summary=summary, records=records, manifests=manifests, entries=entries,
-                         checks=checks, plots=plots, timings=timings, measured=measured, out=out, files=files, reused=reused)
+                         checks=checks, plots=plots, timings=timings, measured=measured, out=out, files=files,
+                         train_reused=reused_run)
     report = atomic_write_text(out / "report.md", text)
     log(f"report: {report} ({'quality floor met' if result['passed'] else 'quality floor NOT met'}; "
         f"{timings['total'] / 60:.1f} min)")

@@ -56,10 +56,19 @@ def train_shards(root: Path, corpora: List[str]) -> str:
     return "::".join(parts)
 
 
-def _comparable(cfg_dict: dict) -> dict:
-    d = dict(cfg_dict)
-    d.pop("resume", None)
-    return d
+def _recipe_matches(out: Path, cfg) -> Optional[bool]:
+    """Whether ``out/config.yaml`` (written by ``mmrl train``) is ``cfg``, ``resume`` aside;
+    ``None`` when there is no saved config (an unreadable one does not match)."""
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    except OSError:
+        return None
+    except yaml.YAMLError:
+        return False
+    want = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    saved.pop("resume", None)
+    want.pop("resume", None)
+    return saved == want
 
 
 def finished_run(cfg) -> Optional[dict]:
@@ -67,11 +76,9 @@ def finished_run(cfg) -> Optional[dict]:
     out = Path(cfg.output_dir)
     try:
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError):
         return None
-    want = _comparable(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
-    if _comparable(saved) != want or summary.get("stopped_early"):
+    if not _recipe_matches(out, cfg) or summary.get("stopped_early"):
         return None
     if summary.get("step") != summary.get("total_steps") or not (out / "model" / "open_clip_config.json").is_file():
         return None
@@ -90,14 +97,12 @@ def run_training(cfg, force: bool, log: Log) -> Tuple[dict, bool]:
     if summary is not None:
         log(f"train: reusing the finished run in {out} (step {summary['step']}; --force retrains)")
         return summary, True
-    saved = out / "config.yaml"
-    if saved.is_file():
-        old = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-        if old != _comparable(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))):
-            log(f"train: the recipe differs from the run in {out}; starting over")
-            shutil.rmtree(out)
-        else:
-            log(f"train: resuming the unfinished run in {out}")
+    matches = _recipe_matches(out, cfg)
+    if matches is False:
+        log(f"train: the recipe differs from the run in {out}; starting over")
+        shutil.rmtree(out)
+    elif matches:
+        log(f"train: resuming the unfinished run in {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe = out.parent / f"{out.name}.yaml"
     save_config(cfg, recipe)
@@ -144,11 +149,17 @@ def build_untrained(cfg, dest: Path, log: Log) -> Path:
 
 
 def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Optional[str], batch_size: int,
-             workers: int, log: Log, force: bool = False, exclude: Sequence[str] = ()) -> List[EntryMetrics]:
+             workers: int, log: Log, force: bool = False,
+             exclude: Sequence[str] = ()) -> Tuple[List[EntryMetrics], bool]:
     """Run the suite for one model (a saved folder or ``raw-pixels:N``) into ``out_dir``,
-    unless the same weights were already evaluated with the same suite and filter."""
-    from ..evaluation.context import RunOptions, load_eval_model
+    unless the same weights were already evaluated with the same suite and filter. Returns the
+    entries and whether they were reused (nothing evaluated now)."""
+    from ..evaluation.context import RunOptions, default_device, load_eval_model
+    from ..evaluation.raw_pixels import parse_raw_pixels
     from ..evaluation.suite import load_suite, run_suite
+
+    if not Path(spec).is_dir() and parse_raw_pixels(spec) is None:
+        raise ValueError(f"{spec}: expected a saved model folder or raw-pixels:N")
 
     weights = Path(spec) / "open_clip_model.safetensors"
     want = {"model": spec, "weights_sha256": file_digest(weights) if weights.is_file() else None,
@@ -158,21 +169,13 @@ def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Op
     summary = next(iter(sorted(out_dir.glob("suite_*.json"))), None) if out_dir.is_dir() else None
     if not force and summary and stamp.is_file() and json.loads(stamp.read_text()) == want:
         log(f"eval {spec}: reusing {out_dir}")
-        return read_suite(summary)
+        return read_suite(summary), True
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    em = load_eval_model(spec, device="cpu") if Path(spec).is_dir() or spec.startswith("raw-pixels") else None
-    if em is None:
-        raise ValueError(f"{spec}: expected a saved model folder or raw-pixels:N")
-    opts = RunOptions(device="cuda" if _cuda() else "cpu", batch_size=batch_size, num_workers=workers,
-                      out_dir=out_dir)
+    device = default_device()
+    em = load_eval_model(spec, device=device)
+    opts = RunOptions(device=device, batch_size=batch_size, num_workers=workers, out_dir=out_dir)
     suite = load_suite(suite_path, root=root)
-    results = run_suite(em, opts, suite, only=only, exclude=exclude, log=lambda m: log(f"eval {out_dir.name}: {m}"))
+    run_suite(em, opts, suite, only=only, exclude=exclude, log=lambda m: log(f"eval {out_dir.name}: {m}"))
     atomic_write_text(stamp, json.dumps(want, indent=1) + "\n")
-    return read_suite(out_dir / f"suite_{suite.name}.json") if results is not None else []
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return read_suite(out_dir / f"suite_{suite.name}.json"), False

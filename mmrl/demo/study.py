@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-from ..evaluation.table import build_table, collect
+from ..evaluation.table import build_table, collect, mean_std
 from ..fileio import atomic_write_text
 from .config import DemoConfig
 from .plots import plot_study
-from .results import HEADLINE
+from .results import HEADLINE, EntryMetrics
 from .steps import evaluate, prepare_corpora, run_training, train_shards
 
 __all__ = ["run_study", "Stat", "compare_pools", "verdict_sentences"]
@@ -44,10 +44,8 @@ class Stat:
 
 
 def _stat(values: List[float]) -> Stat:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return Stat(mean, std, n)
+    mean, std, n = mean_std(values)  # the same statistics as the `mmrl eval table` cells
+    return Stat(mean, std or 0.0, n)
 
 
 def separated(a: Stat, b: Stat) -> bool:
@@ -106,14 +104,10 @@ def verdict_sentences(stats: Dict[str, Dict[str, Stat]], focus: str = "ggem") ->
     return summary + [""] + out
 
 
-def _headline_values(eval_dir: Path) -> Dict[str, float]:
-    from .results import read_suite
-
-    summary = next(iter(sorted(eval_dir.glob("suite_*.json"))), None)
-    if summary is None:
-        return {}
+def _headline_values(entries: List[EntryMetrics]) -> Dict[str, float]:
+    """One number per evaluated entry (its headline metric), keyed by a readable label."""
     out = {}
-    for e in read_suite(summary):
+    for e in entries:
         v = e.headline()
         if v is not None and math.isfinite(v):
             out[f"{e.name} {e.task} ({HEADLINE[e.task][1]})"] = v
@@ -155,6 +149,7 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     prepare_corpora(cfg.corpora, root, cfg.limit_for, log)
     shards = train_shards(root, cfg.train_corpora)
     runs: List[Tuple[str, int, Path]] = []
+    headlines: Dict[str, Dict[str, float]] = {}  # run -> headline metric -> value
     seconds: Dict[str, float] = {}
     total = len(cfg.study.pools) * len(cfg.study.seeds)
     try:
@@ -170,22 +165,23 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
             if pool not in ("gem", "ggem", "cgem"):
                 extra["pool_kwargs"] = {}
             tcfg = cfg.train_config(shards, out / name / "train", extra=extra, prefix="study.train.")
-            _, reused = run_training(tcfg, force, log)
-            reused = reused and (out / "eval" / name / ".mmrl" / "evaluated.json").is_file()
-            evaluate(str(out / name / "train" / "model"), Path(cfg.suite), root, out / "eval" / name,
+            _, train_reused = run_training(tcfg, force, log)
+            entries, eval_reused = evaluate(str(out / name / "train" / "model"), Path(cfg.suite), root, out / "eval" / name,
                      only=cfg.study.only or cfg.only, batch_size=cfg.eval_batch_size, workers=cfg.eval_workers,
                      log=log, force=force, exclude=cfg.study.exclude)
             # a reused run keeps the time measured when it ran (study.json of that invocation)
+            reused = train_reused and eval_reused
             seconds[name] = previous.get(name, time.perf_counter() - t0) if reused else time.perf_counter() - t0
             runs.append((pool, seed, out / "eval" / name))
+            headlines[name] = _headline_values(entries)
     # one table, exactly what `mmrl eval table runs/study/eval/*` prints
     columns = collect([str(d) for _, _, d in runs])
     table = build_table(columns)
     atomic_write_text(out / "table.md", table)
     atomic_write_text(out / "table.csv", build_table(columns, fmt="csv"))
     values: Dict[str, Dict[str, List[float]]] = {}
-    for pool, _, d in runs:
-        for metric, v in _headline_values(d).items():
+    for pool, seed, _ in runs:
+        for metric, v in headlines[f"{pool}-seed{seed}"].items():
             values.setdefault(metric, {}).setdefault(pool, []).append(v)
     stats = compare_pools(values)
     plot = plot_study({m: {p: (100 * s.mean, 100 * s.std, s.n) for p, s in per.items()} for m, per in stats.items()},

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .results import read_result
 
-__all__ = ["DEFAULT_METRICS", "Column", "collect", "build_table", "column_label"]
+__all__ = ["DEFAULT_METRICS", "Column", "collect", "build_table", "column_label", "mean_std"]
 
 DEFAULT_METRICS: Dict[str, Tuple[str, ...]] = {
     "zeroshot_retrieval": ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
@@ -72,7 +72,8 @@ def collect(args: Sequence[str]) -> List[Column]:
     return list(columns.values())
 
 
-def _stats(values: List[float]) -> Tuple[float, Optional[float], int]:
+def mean_std(values: List[float]) -> Tuple[float, Optional[float], int]:
+    """``(mean, sample std or None for one value, n)`` -- the statistics of a table cell."""
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
@@ -107,7 +108,7 @@ def build_table(columns: List[Column], metrics: Optional[Sequence[str]] = None, 
             for c in columns:
                 vals = c.values.get((dataset, task), {}).get(m)
                 if vals:
-                    mean, std, n = _stats(vals)
+                    mean, std, n = mean_std(vals)
                     cells += [f"{mean:.6g}", "" if std is None else f"{std:.6g}", str(n)]
                 else:
                     cells += ["", "", ""]
@@ -121,7 +122,7 @@ def build_table(columns: List[Column], metrics: Optional[Sequence[str]] = None, 
         cells = []
         for c in columns:
             vals = c.values.get((dataset, task), {}).get(m)
-            cells.append(_fmt(m, *_stats(vals)) if vals else "–")
+            cells.append(_fmt(m, *mean_std(vals)) if vals else "–")
         lines.append(f"| {dataset} | {task} | {m} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Values in % (rsum: sum of six recalls in %); mean ± sample std over seed folders where n > 1.")
