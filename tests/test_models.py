@@ -19,7 +19,8 @@ def images():
 
 def test_registry_has_mmrl_and_open_clip_vits():
     names = mmrl.list_models()
-    assert {"mmrl-vit-tiny-p8-64", "mmrl-vit-small-p8-64", "mmrl-vit-tiny-p8-64-minilm"} <= set(names)
+    assert {"mmrl-vit-tiny-p8-64", "mmrl-vit-small-p8-64", "mmrl-vit-tiny-p8-64-minilm",
+            "mmrl-vit-tiny-p16-64-minilm"} <= set(names)
     assert {"ViT-B-16", "ViT-B-32", "ViT-L-14"} <= set(names)
     assert "RN50" not in names  # not a ViT: nothing to pool
     # pure open_clip configs are registered with open_clip as well

@@ -110,12 +110,17 @@ def step_results(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     tokenizer = mmrl.get_tokenizer("mmrl-vit-tiny-p8-64")
     captions = [f"a {c} {s} number {i}" for i, (c, s) in enumerate(zip(list(COLORS) * 4, SHAPES * 6))]
-    torch.save({"image": torch.randn(16, 3, 64, 64, generator=g), "text": tokenizer(captions[:16])}, tmp / "batch.pt")
+    # groups: positives within a rank's half (0, 1), across the halves (2, 3) and singletons
+    groups = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 2, 3, 6, 7, 1, 8, 9, 9])
+    torch.save({"image": torch.randn(16, 3, 64, 64, generator=g), "text": tokenizer(captions[:16]), "group": groups},
+               tmp / "batch.pt")
     worker = str(ROOT / "tests" / "helpers" / "train_step_worker.py")
     run(torchrun(1, worker, str(tmp / "batch.pt"), str(tmp), "global:0:1", "accum:0:2", "nan1:0:1:nan",
-                 "sig_global:0:1:siglip"))
+                 "sig_global:0:1:siglip",
+                 "grp_global:0:1:group", "grp_accum:0:2:group"))
     run(torchrun(2, worker, str(tmp / "batch.pt"), str(tmp), "zero2:2:1", "zero3:3:1", "nan2:2:1:nan",
-                 "sig_zero2:2:1:siglip"))
+                 "sig_zero2:2:1:siglip",
+                 "grp_zero2:2:1:group"))
     return {p.stem: torch.load(p) for p in tmp.glob("*.pt") if p.stem != "batch"}
 
 
@@ -150,6 +155,14 @@ def test_grad_accumulation_equals_the_larger_batch(step_results):
     assert_same_update(acc["state"], ref["state"])
     moved = [k for k, v in initial_state().items() if not torch.equal(v, ref["state"][k])]
     assert len(moved) > 50  # the step really changed the model
+
+
+@pytest.mark.parametrize("variant", ["grp_zero2", "grp_accum"])
+def test_grouped_loss_on_two_ranks_or_micro_batches_equals_global_batch(step_results, variant):
+    ref, other = step_results["grp_global"], step_results[variant]
+    assert abs(other["loss"] - ref["loss"]) < 1e-5
+    assert_same_update(other["state"], ref["state"])
+    assert abs(ref["loss"] - step_results["global"]["loss"]) > 0.1  # the groups changed the loss
 
 
 @pytest.mark.parametrize("variant", ["nan1", "nan2"])

@@ -54,7 +54,7 @@ from torchvision.transforms import functional as TF
 
 from .augment import RandomLowResolution
 from .images import to_rgb
-from .wds_stages import StreamStats, derive_seed
+from .wds_stages import StreamStats, derive_seed, group_id, sample_group
 
 __all__ = ["IMAGE_KEYS", "ImagePlan", "plan_transform", "inception_crop_box", "decode_image", "sample_caption", "BatchBuilder"]
 
@@ -321,20 +321,27 @@ class BatchBuilder:
         text     LongTensor  [B, ctx]      tokenizer(captions)
         key      list[str]                 the samples' ``__key__``
         step     int                       global step of this batch (on this rank)
+        group    LongTensor  [B]           only with ``group_key``: the samples' group ids
+                                           (:func:`~mmrl.data.wds_stages.group_id` of the
+                                           JSON field; a sample without one is its own group;
+                                           with ``group_shared_aug`` the samples of a group in
+                                           one batch share their random augmentation draws)
         skipped  dict[str, int]            skips since this worker's previous batch:
                                            no_image / no_caption / bad_image (samples),
                                            bad_shards (shards)
     """
 
     def __init__(self, plan: ImagePlan, tokenizer: Callable[[List[str]], torch.Tensor], batch_size: int, *,
-                 seed: int, rank: int, stats: StreamStats, multi_caption: bool = False, shared: bool = False):
+                 seed: int, rank: int, stats: StreamStats, multi_caption: bool = False, shared: bool = False,
+                 group_key: Optional[str] = None, group_shared_aug: bool = False):
         self.plan, self.tokenizer, self.batch_size = plan, tokenizer, int(batch_size)
         self.seed, self.rank, self.stats = seed, rank, stats
         self.multi_caption, self.shared = multi_caption, shared
+        self.group_key, self.group_shared_aug = group_key, group_shared_aug
 
     def _rows(self, samples: Iterator[dict], step: int):
         stats, plan = self.stats, self.plan
-        rows, captions, keys = [], [], []
+        rows, captions, keys, groups = [], [], [], []
         batch_seed = derive_seed(self.seed, "batch", self.rank, step)
         caption_rng = random.Random(batch_seed)
         with seeded_global_rngs(batch_seed):
@@ -352,8 +359,14 @@ class BatchBuilder:
                 if caption is None:
                     stats.skip("no_caption", url, f"{raw.get('__key__')} has no caption in {url}")
                     continue
+                group = sample_group(raw, self.group_key) if self.group_key else None
                 try:
-                    row = plan.row(decode_image(raw[image_key], plan.draft_size))
+                    image = decode_image(raw[image_key], plan.draft_size)
+                    if group is not None and self.group_shared_aug:  # the group's own random draws
+                        with seeded_global_rngs(derive_seed(batch_seed, "group-aug", group)):
+                            row = plan.row(image)
+                    else:
+                        row = plan.row(image)
                 except Exception as exn:  # noqa: BLE001 -- any undecodable image is skipped
                     stats.skip("bad_image", url, f"{raw.get('__key__')}.{image_key} in {url}: {exn!r}")
                     continue
@@ -361,7 +374,9 @@ class BatchBuilder:
                 rows.append(row)
                 captions.append(caption)
                 keys.append(str(raw.get("__key__")))
-        return rows, captions, keys
+                if self.group_key:
+                    groups.append(f"group:{group}" if group is not None else f"sample:{url}#{raw.get('__key__')}")
+        return rows, captions, keys, groups
 
     def skip_batch(self, samples: Iterator[dict], step: int) -> None:
         """Consume exactly the samples ``build`` would for ``step`` (resume replay); the skip
@@ -370,7 +385,10 @@ class BatchBuilder:
         self.stats.take_delta()
 
     def build(self, samples: Iterator[dict], step: int) -> Dict[str, Any]:
-        rows, captions, keys = self._rows(samples, step)
+        rows, captions, keys, groups = self._rows(samples, step)
         image = self.plan.collate(rows, shared=self.shared)
         text = self.tokenizer(captions)
-        return {"image": image, "text": text, "key": keys, "step": step, "skipped": self.stats.take_delta()}
+        batch = {"image": image, "text": text, "key": keys, "step": step, "skipped": self.stats.take_delta()}
+        if self.group_key:
+            batch["group"] = torch.tensor([group_id(g) for g in groups], dtype=torch.long)
+        return batch

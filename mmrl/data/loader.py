@@ -73,8 +73,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batching import BatchBuilder, ImagePlan, plan_transform
 from .wds_stages import (
-    SAMPLE_SKIP_REASONS, LoaderStallError, StreamStats, derive_seed, epoch_passes, resampled_shards,
-    shuffle_samples, stream_samples,
+    SAMPLE_SKIP_REASONS, LoaderStallError, StreamStats, derive_seed, epoch_passes, group_samples,
+    resampled_shards, shuffle_samples, stream_samples,
 )
 
 __all__ = [
@@ -99,6 +99,10 @@ class LoaderConfig:
     resample_segment: int = 128             # resampled: batches per stream between reseeds
     round_up: bool = True                   # num_batches = ceil (True) or floor of samples/global batch
     multi_caption: bool = False             # draw one of json["captions"] instead of txt
+    group_key: Optional[str] = None         # json field naming a sample's group: batches carry "group" ids
+    group_size: int = 1                     # > 1: emit samples of one group together, this many at a time
+    group_max_pending: int = 4096           # groups held back at most before the oldest goes out incomplete
+    group_shared_aug: bool = False          # samples of one group in a batch get the same random augmentation
     fast_resize: bool = True                # torch uint8 resize/crop for torchvision geometry
     draft: bool = True                      # reduced-scale JPEG decoding when larger than the input
     image_size: Optional[int] = None        # draft size for transforms whose geometry is unknown
@@ -233,19 +237,26 @@ class TrainStream(IterableDataset):
         return seg, (step % self.num_batches) // W, (seg + 1) * self.num_batches
 
     def open_segment(self, stream: int, seg: int, stats: StreamStats) -> Iterator[dict]:
-        """Raw shuffled samples of one segment of one stream (endless)."""
+        """Raw shuffled samples of one segment of one stream (endless); with ``group_size > 1``
+        grouped after the shuffle (per pass in epoch mode, so an epoch still sees every sample
+        once)."""
         cfg = self.cfg
         rng = random.Random(derive_seed(cfg.seed, "sample-shuffle", cfg.resampled, seg, self.rank, stream))
+
+        def shuffled_and_grouped(samples: Iterator[dict]) -> Iterator[dict]:
+            samples = shuffle_samples(samples, cfg.shuffle_buffer, cfg.shuffle_initial, rng)
+            if cfg.group_key and cfg.group_size > 1:
+                samples = group_samples(samples, cfg.group_key, cfg.group_size, cfg.group_max_pending)
+            return samples
+
         if cfg.resampled:
             urls = resampled_shards(self.shards, self.weights, seed=cfg.seed, rank=self.rank, stream=stream,
                                     segment=seg)
-            return shuffle_samples(stream_samples(urls, stats), cfg.shuffle_buffer, cfg.shuffle_initial, rng)
-        # epoch mode: the buffer drains at the end of each pass, so a pass is a permutation
+            return shuffled_and_grouped(stream_samples(urls, stats))
+        # epoch mode: the buffers drain at the end of each pass, so a pass is a permutation
         passes = epoch_passes(self.shards, seed=cfg.seed, epoch=seg, rank=self.rank, world_size=self.world_size,
                               stream=stream, num_streams=self.num_streams)
-        return itertools.chain.from_iterable(
-            shuffle_samples(stream_samples(urls, stats), cfg.shuffle_buffer, cfg.shuffle_initial, rng)
-            for urls in passes)
+        return itertools.chain.from_iterable(shuffled_and_grouped(stream_samples(urls, stats)) for urls in passes)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         info = get_worker_info()
@@ -254,7 +265,8 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         stats = StreamStats(cfg.max_consecutive_bad_samples, cfg.max_consecutive_bad_shards)
         builder = BatchBuilder(self.plan, self.tokenizer, cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                               stats=stats, multi_caption=cfg.multi_caption, shared=info is not None)
+                               stats=stats, multi_caption=cfg.multi_caption, shared=info is not None,
+                               group_key=cfg.group_key, group_shared_aug=cfg.group_shared_aug)
         step = start + worker
         while step < stop:
             seg, index, seg_end = self.segment(step)

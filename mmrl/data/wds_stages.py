@@ -25,6 +25,14 @@ Tar -> samples (:func:`shard_samples`)
 Shuffle (:func:`shuffle_samples`)
     A sample shuffle buffer on raw (undecoded) samples, seeded explicitly.
 
+Groups (:func:`group_samples`)
+    Optionally, after the shuffle: samples naming the same group in their JSON (e.g. the
+    ``concept`` of an emoji drawn in several styles) are held back until ``size`` of them
+    have arrived and then emitted together, so a batch holds whole groups -- the positives of
+    the grouped contrastive loss (:mod:`mmrl.train.group_loss`). Nothing is dropped: samples
+    without a group pass straight through, and when more than ``max_pending`` groups wait the
+    oldest is emitted incomplete (also at the end of the stream).
+
 Counters and fail-fast (:class:`StreamStats`)
     Counts skipped samples by reason and bad shards, and raises :class:`LoaderStallError`
     naming the shards when ``max_consecutive_bad_samples`` samples in a row were unusable or
@@ -34,6 +42,7 @@ Counters and fail-fast (:class:`StreamStats`)
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from collections import Counter, deque
@@ -43,7 +52,8 @@ from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 __all__ = [
     "LoaderStallError", "StreamStats", "ShardErrorHandler", "derive_seed", "epoch_passes",
-    "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "SAMPLE_SKIP_REASONS",
+    "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "sample_group", "group_samples", "group_id",
+    "SAMPLE_SKIP_REASONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -238,3 +248,49 @@ def shuffle_samples(samples: Iterable[dict], bufsize: int, initial: int, rng: ra
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
+
+
+def sample_group(sample: dict, key: str) -> Optional[str]:
+    """The sample's group: field ``key`` of its JSON (a string or number), or None when it has
+    no JSON, unreadable JSON or no such field. Cached in the sample as ``__group__``."""
+    if "__group__" in sample:
+        return sample["__group__"]
+    group = None
+    raw = sample.get("json")
+    if raw is not None:
+        try:
+            value = json.loads(raw).get(key)
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            value = None
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+            group = str(value)
+    sample["__group__"] = group
+    return group
+
+
+def group_id(name: str) -> int:
+    """A stable non-negative 63-bit id for a group name (the same on every rank, worker and run)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def group_samples(samples: Iterable[dict], key: str, size: int, max_pending: int = 4096) -> Iterator[dict]:
+    """Emit samples of the same group (:func:`sample_group`) together, ``size`` at a time."""
+    if size <= 1:
+        yield from samples
+        return
+    pending: Dict[str, List[dict]] = {}  # insertion order = age
+    for sample in samples:
+        group = sample_group(sample, key)
+        if group is None:
+            yield sample
+            continue
+        members = pending.setdefault(group, [])
+        members.append(sample)
+        if len(members) >= size:
+            del pending[group]
+            yield from members
+        elif len(pending) > max_pending:
+            oldest = next(iter(pending))
+            yield from pending.pop(oldest)
+    for members in pending.values():
+        yield from members

@@ -21,6 +21,11 @@ class DataConfig:
     num_samples: Optional[int] = None    # samples per epoch; default from sizes.json
     shuffle_buffer: int = 2000           # sample shuffle buffer (epoch mode)
     max_bad_samples: int = 1000          # consecutive bad samples before failing fast
+    multi_caption: bool = False          # draw one of the sample's json "captions" per use instead of its txt
+    group_key: Optional[str] = None      # JSON field naming a sample's group (e.g. "concept"): samples of
+                                         # one group are each other's positives (mmrl.train.group_loss)
+    group_size: int = 1                  # > 1: batches hold groups of this many samples (needs group_key)
+    group_shared_aug: bool = False       # a group's samples in a batch share their random augmentation
 
 
 @dataclass
@@ -56,6 +61,8 @@ class TrainConfig:
     loss: str = "clip"
     local_loss: bool = True
     gather_with_grad: bool = True
+    image_loss_weight: float = 0.0       # > 0: add the image-image term over groups (needs data.group_key)
+    image_loss_temperature: float = 0.1
     # checkpoints and logging
     save_every: int = 1000               # optimizer steps between checkpoints
     keep_last: int = 3
@@ -95,6 +102,18 @@ class TrainConfig:
         if self.resume not in (None, "auto") and not isinstance(self.resume, str):
             raise bad("resume", "'auto', a checkpoint path or null", self.resume)
         self.aug.validate("aug.")
+        if self.data.group_size < 1:
+            raise bad("data.group_size", "an integer >= 1", self.data.group_size)
+        if self.data.group_size > 1 and not self.data.group_key:
+            raise ConfigError("config key 'data.group_size': grouping needs data.group_key (the JSON field naming the group)")
+        if self.image_loss_weight < 0:
+            raise bad("image_loss_weight", "a float >= 0", self.image_loss_weight)
+        if self.image_loss_weight > 0 and not self.data.group_key:
+            raise ConfigError("config key 'image_loss_weight': the image-image term needs data.group_key")
+        if self.image_loss_temperature <= 0:
+            raise bad("image_loss_temperature", "a positive float", self.image_loss_temperature)
+        if self.data.group_key and self.loss != "clip":
+            raise ConfigError(f"config key 'data.group_key': grouped training needs loss=clip, not {self.loss!r}")
         if not self.data.train:
             raise ConfigError("config key 'data.train': set the training shards (e.g. data.train='shards/{00000..00009}.tar')")
         if self.data.weights is not None and len(self.data.weights.split("::")) != len(self.data.train.split("::")):

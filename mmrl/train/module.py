@@ -25,8 +25,17 @@ MAX_LOGIT_SCALE = math.log(100.0)
 _SCALARS = ("logit_scale", "logit_bias")
 
 
-def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int) -> nn.Module:
-    """open_clip's CLIP InfoNCE loss (``local_loss`` / ``gather_with_grad``) or SigLIP loss."""
+def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int, *,
+              grouped: bool = False, image_weight: float = 0.0, image_temperature: float = 0.1) -> nn.Module:
+    """open_clip's CLIP InfoNCE loss (``local_loss`` / ``gather_with_grad``) or SigLIP loss;
+    with ``grouped`` (batches carry group ids) the grouped CLIP loss of
+    :mod:`mmrl.train.group_loss` (multi-positive targets, optional image-image term)."""
+    if kind == "clip" and grouped:
+        from .group_loss import GroupContrastiveLoss
+
+        return GroupContrastiveLoss(local_loss, gather_with_grad, rank, world_size, image_weight, image_temperature)
+    if grouped:
+        raise ValueError(f"grouped batches need the 'clip' loss, not {kind!r}")
     if kind == "clip":
         return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
     if kind == "siglip":

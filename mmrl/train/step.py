@@ -36,16 +36,26 @@ def _encode(engine, batch, device, dtype):
     return engine(images, texts)
 
 
-def _loss(loss_fn, image_f, text_f, scale, bias):
-    return loss_fn(image_f.float(), text_f.float(), scale.float(), None if bias is None else bias.float())
+def _loss(loss_fn, image_f, text_f, scale, bias, groups=None):
+    extra = {} if groups is None else {"groups": groups}
+    return loss_fn(image_f.float(), text_f.float(), scale.float(), None if bias is None else bias.float(), **extra)
+
+
+def _groups(batches: List[dict], device) -> Optional[torch.Tensor]:
+    """The micro-batches' group ids, concatenated (None when the batches carry none)."""
+    if "group" not in batches[0]:
+        return None
+    return torch.cat([b["group"] for b in batches]).to(device)
 
 
 def contrastive_step(engine, loss_fn, batches: List[dict], device, dtype, stop: bool = False) -> Tuple[Optional[torch.Tensor], bool]:
     """Run one optimizer step over ``batches`` (this rank's micro-batches, dicts with ``image``
-    and ``text``). Returns (full-batch loss, or None when skipped as non-finite; stop agreed)."""
+    and ``text``, optionally ``group``). Returns (full-batch loss, or None when skipped as
+    non-finite; stop agreed)."""
+    groups = _groups(batches, device)
     if len(batches) == 1:
         image_f, text_f, scale, bias = _encode(engine, batches[0], device, dtype)
-        loss = _loss(loss_fn, image_f, text_f, scale, bias)
+        loss = _loss(loss_fn, image_f, text_f, scale, bias, groups)
         nonfinite, stop = agree(not torch.isfinite(loss).item(), stop, device)
         if nonfinite:
             return None, stop
@@ -56,7 +66,8 @@ def contrastive_step(engine, loss_fn, batches: List[dict], device, dtype, stop: 
         cached = [_encode(engine, b, device, dtype) for b in batches]
         all_image = [c[0] for c in cached]
         all_text = [c[1] for c in cached]
-        full = _loss(loss_fn, torch.cat(all_image), torch.cat(all_text), cached[0][2], cached[0][3])
+        full = _loss(loss_fn, torch.cat(all_image), torch.cat(all_text), cached[0][2], cached[0][3], groups)
+        logged = dict(getattr(loss_fn, "last", {}))
     nonfinite, stop = agree(not torch.isfinite(full).item(), stop, device)
     if nonfinite:
         return None, stop
@@ -67,6 +78,8 @@ def contrastive_step(engine, loss_fn, batches: List[dict], device, dtype, stop: 
             bias = None if bias is None else bias.detach()
         images = torch.cat(all_image[:j] + [image_f] + all_image[j + 1:])
         texts = torch.cat(all_text[:j] + [text_f] + all_text[j + 1:])
-        engine.backward(_loss(loss_fn, images, texts, scale, bias), scale_wrt_gas=False)
+        engine.backward(_loss(loss_fn, images, texts, scale, bias, groups), scale_wrt_gas=False)
         engine.step()
+    if logged:
+        loss_fn.last = logged  # the full batch's terms, as computed before the micro-steps
     return full.detach(), stop

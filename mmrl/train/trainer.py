@@ -62,7 +62,8 @@ def _loader_config(cfg: TrainConfig) -> LoaderConfig:
     return LoaderConfig(
         train=cfg.data.train, batch_size=cfg.batch_size, weights=cfg.data.weights, resampled=cfg.data.resampled,
         num_samples=cfg.data.num_samples, workers=cfg.workers, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        max_consecutive_bad_samples=cfg.data.max_bad_samples,
+        max_consecutive_bad_samples=cfg.data.max_bad_samples, multi_caption=cfg.data.multi_caption,
+        group_key=cfg.data.group_key, group_size=cfg.data.group_size, group_shared_aug=cfg.data.group_shared_aug,
     )
 
 
@@ -84,7 +85,9 @@ class _Trainer:
         self.preprocess = build_train_transform(create_transforms(model)[0], cfg.aug)
         self.tokenizer = get_tokenizer(model.mmrl_cfg["model_cfg"])
         self.module = ContrastiveModule(model)
-        self.loss_fn = make_loss(cfg.loss, cfg.local_loss, cfg.gather_with_grad, info.rank, info.world_size)
+        self.loss_fn = make_loss(cfg.loss, cfg.local_loss, cfg.gather_with_grad, info.rank, info.world_size,
+                                 grouped=bool(cfg.data.group_key), image_weight=cfg.image_loss_weight,
+                                 image_temperature=cfg.image_loss_temperature)
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked loader workers
         self.loader = make_train_loader(_loader_config(cfg), self.preprocess, self.tokenizer,
@@ -190,7 +193,7 @@ class _Trainer:
                 elapsed = time.time() - window_start
                 log.step(self.step, {"loss": f"{last_loss:.4f}", "samples/s": f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}"})
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    values = {"loss": last_loss, "lr": lr_used,
+                    values = {"loss": last_loss, **getattr(self.loss_fn, "last", {}), "lr": lr_used,
                               "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
                               "data_wait_share": window_wait / max(elapsed, 1e-9),
                               "skipped_samples": self.loader.num_skipped, "skipped_steps": self.state["nonfinite_steps"],

@@ -3,7 +3,8 @@
 configurations; rank 0 saves the consolidated parameters and the global loss of each.
 
 usage: torchrun --nproc_per_node N train_step_worker.py BATCH.pt OUT_DIR VARIANT [VARIANT ...]
-VARIANT = name:zero_stage:grad_accum[:nan][:siglip]
+VARIANT = name:zero_stage:grad_accum[:nan][:siglip][:group]
+(group: the batch's group ids go to the grouped CLIP loss with its image-image term)
 """
 import os
 import sys
@@ -28,7 +29,7 @@ def main():
     info = dist_info_from_env()
     init_distributed(info)
     data = torch.load(batch_path)
-    images, texts = data["image"], data["text"]
+    images, texts, groups = data["image"], data["text"], data["group"]
     per_rank = images.shape[0] // info.world_size
     rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
     for spec in variants:
@@ -47,11 +48,14 @@ def main():
         optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size),
                                                dist_init_required=False)
-        loss_fn = make_loss("siglip" if siglip else "clip", True, True, info.rank, info.world_size)
+        grouped = "group" in flags
+        loss_fn = make_loss("siglip" if siglip else "clip", True, True, info.rank, info.world_size,
+                            grouped=grouped, image_weight=1.0 if grouped else 0.0)
         if "nan" in flags:  # a non-finite loss on the last rank only: every rank must skip
             real = loss_fn
             loss_fn = lambda *a: real(*a) * (float("nan") if info.rank == info.world_size - 1 else 1.0)  # noqa: E731
-        batches = [{"image": images[rows][j * micro:(j + 1) * micro], "text": texts[rows][j * micro:(j + 1) * micro]}
+        batches = [{"image": images[rows][j * micro:(j + 1) * micro], "text": texts[rows][j * micro:(j + 1) * micro],
+                    **({"group": groups[rows][j * micro:(j + 1) * micro]} if grouped else {})}
                    for j in range(accum)]
         loss, _ = contrastive_step(engine, loss_fn, batches, torch.device("cpu"), torch.float32)
         global_loss = torch.tensor(float("nan") if loss is None else float(loss))
