@@ -80,6 +80,7 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     assert model.visual.pool_type == "ggem"
     log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][-1] == 3
+    assert "batches of `concept` groups of 2 sharing their augmentation" in report
     # the recipe's concept pairs reached the loss: its image-image term saw positives
     assert all(r["image_loss"] > 0 and r["clip_loss"] > 0 for r in log if "loss" in r)
 

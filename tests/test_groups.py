@@ -252,3 +252,31 @@ def test_group_shared_aug_gives_a_groups_samples_the_same_random_draws(tmp_path,
     same = [torch.equal(batch["image"][2 * g], batch["image"][2 * g + 1]) for g in range(8)]
     assert batch["key"][0::2] == [f"{g:03d}0" for g in range(8)]
     assert all(same) if shared else not any(same)
+
+
+@pytest.mark.parametrize("start", [3, 7])
+def test_grouped_stream_resumes_exactly(tmp_path, start):
+    """Grouping and shared augmentation are functions of the seeded stream: a loader started at
+    step S gives the batches an uninterrupted one gave from S on (images included)."""
+    urls = _shards(tmp_path, n_groups=16, per_group=3)
+    cfg = LoaderConfig(train=urls, batch_size=4, workers=2, seed=5, shuffle_buffer=12, shuffle_initial=6,
+                       resampled=True, num_samples=48, resample_segment=2, group_key="concept", group_size=2,
+                       group_shared_aug=True)
+    transform = T.Compose([T.RandomResizedCrop(12, scale=(0.3, 1.0)), T.RandomGrayscale(0.5), T.ToTensor()])
+    tokenizer = mmrl.get_tokenizer("mmrl-vit-tiny-p8-64")
+
+    def batches(start_step, n):
+        loader = make_train_loader(cfg, transform, tokenizer, start_step=start_step)
+        out = []
+        while len(out) < n:
+            for b in loader:
+                out.append(b)
+                if len(out) == n:
+                    break
+        loader.close()
+        return out
+
+    full, resumed = batches(0, start + 4), batches(start, 4)
+    for a, b in zip(full[start:], resumed):
+        assert a["step"] == b["step"] and a["key"] == b["key"]
+        assert torch.equal(a["group"], b["group"]) and torch.equal(a["image"], b["image"])

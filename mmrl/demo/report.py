@@ -107,6 +107,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
               f"weight decay {tcfg.weight_decay:g}, GGeM p lr x{tcfg.p_lr_mult:g}, {tcfg.precision}, ZeRO-{tcfg.zero_stage}",
               f"- augmentation: crop scale {tuple(aug.scale)}, grayscale p={aug.grayscale:g}, invert p={aug.invert:g}, "
               f"low resolution p={aug.low_res:g} (side {tuple(aug.low_res_size)})",
+              *_grouping_lines(tcfg, last),
               f"- final loss {summary.get('final_loss', float('nan')):.3f}, logit scale {last.get('logit_scale', float('nan')):.2f}, "
               f"median {sorted(rates)[len(rates) // 2] if rates else float('nan'):.0f} samples/s, "
               f"skipped samples {summary.get('skipped_samples', 0)}",
@@ -134,3 +135,18 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
                   "| phase | wall time |", "|---|---|"]
         lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in measured.items()]
     return "\n".join(lines) + "\n"
+
+
+def _grouping_lines(tcfg, last: dict) -> List[str]:
+    """The grouped-batch part of the recipe (mmrl.train.group_loss), when there is one."""
+    data = tcfg.data
+    if not data.group_key:
+        return []
+    terms = ", ".join(f"{k.replace('_', ' ')} {last[k]:.3f}" for k in ("clip_loss", "image_loss")
+                      if isinstance(last.get(k), (int, float)))
+    return [f"- batches of `{data.group_key}` groups of {data.group_size}"
+            f"{' sharing their augmentation' if data.group_shared_aug else ''}: multi-positive CLIP loss"
+            + (f" + {tcfg.image_loss_weight:g} x image-image term (temperature {tcfg.image_loss_temperature:g})"
+               if tcfg.image_loss_weight > 0 else "")
+            + (f"; last logged {terms}" if terms else "")
+            + ("; one caption template drawn per use" if data.multi_caption else "")]
