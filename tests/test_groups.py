@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import mmrl
+from helpers.loader_batches import take_batches
 from mmrl.config import ConfigError
 from mmrl.data.loader import LoaderConfig, make_train_loader
 from mmrl.data.wds_stages import group_id, group_samples, sample_group
@@ -53,7 +54,7 @@ def test_group_samples_emits_every_sample_once_and_whole_groups_together(size):
     out = list(group_samples(iter(stream), "concept", size, max_pending=1000))
     assert sorted(s["__key__"] for s in out) == sorted(s["__key__"] for s in samples)
     # walk the output: a group's sample is either part of a full run of `size` or a leftover
-    groups = [s["__group__"] for s in out]
+    groups = [sample_group(s, "concept") for s in out]
     i, full_runs = 0, 0
     while i < len(groups):
         g = groups[i]
@@ -62,7 +63,7 @@ def test_group_samples_emits_every_sample_once_and_whole_groups_together(size):
             i += size
         else:
             i += 1
-    expected = sum(len([s for s in samples if s["__group__"] == f"g{g}"]) // size for g in range(40))
+    expected = sum(len([s for s in samples if sample_group(s, "concept") == f"g{g}"]) // size for g in range(40))
     assert full_runs >= expected
 
 
@@ -265,18 +266,8 @@ def test_grouped_stream_resumes_exactly(tmp_path, start):
     transform = T.Compose([T.RandomResizedCrop(12, scale=(0.3, 1.0)), T.RandomGrayscale(0.5), T.ToTensor()])
     tokenizer = mmrl.get_tokenizer("mmrl-vit-tiny-p8-64")
 
-    def batches(start_step, n):
-        loader = make_train_loader(cfg, transform, tokenizer, start_step=start_step)
-        out = []
-        while len(out) < n:
-            for b in loader:
-                out.append(b)
-                if len(out) == n:
-                    break
-        loader.close()
-        return out
-
-    full, resumed = batches(0, start + 4), batches(start, 4)
+    full, _ = take_batches(cfg, transform, tokenizer, 0, start + 4)
+    resumed, _ = take_batches(cfg, transform, tokenizer, start, 4)
     for a, b in zip(full[start:], resumed):
         assert a["step"] == b["step"] and a["key"] == b["key"]
         assert torch.equal(a["group"], b["group"]) and torch.equal(a["image"], b["image"])

@@ -18,6 +18,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import mmrl
+from helpers.loader_batches import take_batches
 from mmrl.data.batching import decode_image, inception_crop_box, plan_transform, sample_caption
 from mmrl.data.loader import LoaderConfig, epoch_sizing, make_train_loader, parse_sources
 from mmrl.data.wds_stages import LoaderStallError, StreamStats, shard_samples
@@ -231,15 +232,7 @@ def test_weighted_resampling_gives_each_source_its_share_of_samples(tmp_path, to
 def _stream(urls, tokenizer, start_step, n_batches, **kw):
     cfg = LoaderConfig(train=urls, batch_size=4, workers=2, seed=7, shuffle_buffer=10, shuffle_initial=4,
                        max_consecutive_bad_samples=50, **kw)
-    loader = make_train_loader(cfg, train_transform(), tokenizer, start_step=start_step)
-    out = []
-    while len(out) < n_batches:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n_batches:
-                break
-    loader.close()
-    return out, loader
+    return take_batches(cfg, train_transform(), tokenizer, start_step, n_batches)
 
 
 def _with_bad_samples(folder):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import random
 import warnings
@@ -54,7 +53,7 @@ from torchvision.transforms import functional as TF
 
 from .augment import RandomLowResolution
 from .images import to_rgb
-from .wds_stages import StreamStats, derive_seed, group_id, sample_group
+from .wds_stages import StreamStats, derive_seed, group_id, sample_group, sample_json
 
 __all__ = ["IMAGE_KEYS", "ImagePlan", "plan_transform", "inception_crop_box", "decode_image", "sample_caption", "BatchBuilder"]
 
@@ -78,11 +77,8 @@ def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
 
 def sample_caption(sample: dict, rng: Optional[random.Random] = None, multi_caption: bool = False) -> Optional[str]:
     """The caption of a raw sample, or None when it has none (missing or blank)."""
-    if multi_caption and "json" in sample:
-        try:
-            captions = json.loads(sample["json"]).get("captions")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            captions = None
+    if multi_caption:
+        captions = sample_json(sample).get("captions")
         if isinstance(captions, list):
             captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
             if captions:

@@ -52,7 +52,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 __all__ = [
     "LoaderStallError", "StreamStats", "ShardErrorHandler", "derive_seed", "epoch_passes",
-    "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "sample_group", "group_samples", "group_id",
+    "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "sample_json", "sample_group", "group_samples", "group_id",
     "SAMPLE_SKIP_REASONS",
 ]
 
@@ -250,22 +250,27 @@ def shuffle_samples(samples: Iterable[dict], bufsize: int, initial: int, rng: ra
     yield from buf
 
 
+def sample_json(sample: dict) -> dict:
+    """The sample's parsed JSON object ({} when it has none or it is unreadable or not an
+    object), parsed once and cached in the sample as ``__json__``."""
+    if "__json__" not in sample:
+        parsed = {}
+        raw = sample.get("json")
+        if raw is not None:
+            try:
+                parsed = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                parsed = {}
+        sample["__json__"] = parsed if isinstance(parsed, dict) else {}
+    return sample["__json__"]
+
+
 def sample_group(sample: dict, key: str) -> Optional[str]:
-    """The sample's group: field ``key`` of its JSON (a string or number), or None when it has
-    no JSON, unreadable JSON or no such field. Cached in the sample as ``__group__``."""
-    if "__group__" in sample:
-        return sample["__group__"]
-    group = None
-    raw = sample.get("json")
-    if raw is not None:
-        try:
-            value = json.loads(raw).get(key)
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            value = None
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-            group = str(value)
-    sample["__group__"] = group
-    return group
+    """The sample's group: field ``key`` of its JSON (a non-empty string or an integer), or None."""
+    value = sample_json(sample).get(key)
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+        return str(value)
+    return None
 
 
 def group_id(name: str) -> int:

@@ -30,12 +30,12 @@ def make_loss(kind: str, local_loss: bool, gather_with_grad: bool, rank: int, wo
     """open_clip's CLIP InfoNCE loss (``local_loss`` / ``gather_with_grad``) or SigLIP loss;
     with ``grouped`` (batches carry group ids) the grouped CLIP loss of
     :mod:`mmrl.train.group_loss` (multi-positive targets, optional image-image term)."""
-    if kind == "clip" and grouped:
+    if grouped:
+        if kind != "clip":
+            raise ValueError(f"grouped batches need the 'clip' loss, not {kind!r}")
         from .group_loss import GroupContrastiveLoss
 
         return GroupContrastiveLoss(local_loss, gather_with_grad, rank, world_size, image_weight, image_temperature)
-    if grouped:
-        raise ValueError(f"grouped batches need the 'clip' loss, not {kind!r}")
     if kind == "clip":
         return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
     if kind == "siglip":
