@@ -20,7 +20,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
-	for b in pooling loader train eval; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in pooling loader train eval text_cache; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 # the main job: prepare the real corpora (data/), train, evaluate, write runs/demo/report.md
 demo: install

@@ -143,6 +143,22 @@ def test_verdict_follows_the_numbers():
     assert "- m1: **gem** is best" in text and "clearly lower on 1" in text and "not confirmed" in text
 
 
+def test_study_recipe_pinned_or_demo():
+    """``study.recipe=pinned`` trains with the study's overrides, ``demo`` with the demo's recipe."""
+    def run_config(overrides):
+        cfg = load_config(DemoConfig, REPO / "configs" / "demo.yaml", overrides)
+        return cfg, cfg.train_config("s/{0..1}.tar", "out", extra=dict(cfg.study.overrides(), pool="gem", seed=1),
+                                     prefix="study.train.")
+
+    cfg, pinned = run_config([])
+    assert cfg.study.train and pinned.max_steps == cfg.study.train["max_steps"]
+    assert pinned.data.group_key is None and (pinned.pool, pinned.seed) == ("gem", 1)
+    cfg, demo = run_config(["study.recipe=demo"])
+    assert (demo.model, demo.max_steps, demo.data.group_key) == (
+        cfg.train["model"], cfg.train["max_steps"], cfg.train["data"]["group_key"])
+    assert (demo.pool, demo.seed, demo.image_loss_weight) == ("gem", 1, cfg.train["image_loss_weight"])
+
+
 def test_demo_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="train.foo"):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.foo=1"])
@@ -150,6 +166,8 @@ def test_demo_config_errors(tmp_path):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.output_dir=x"])
     with pytest.raises(ConfigError, match="study.pools"):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["study.pools=[ggem, best]"])
+    with pytest.raises(ConfigError, match="study.recipe"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["study.recipe=latest"])
     with pytest.raises(ConfigError, match="train_corpora"):
         load_config(DemoConfig, None, ["corpora=[emoji]", "train_corpora=[openclipart]"])
     with pytest.raises(ConfigError, match="train.aug.invert"):

@@ -238,7 +238,13 @@ def test_cached_locked_text_tower_matches_and_keeps_keys(tmp_path):
 
     enable_text_cache(model)
     assert isinstance(model.text, CachedHFTextEncoder) and list(model.state_dict()) == keys
+    lengths = []
+    hook = model.text.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     first = model.encode_text(ids)
+    hook.remove()
+    real = int((ids != model.text.config.pad_token_id).sum(1).max())
+    assert lengths == [real] and real < ids.shape[1]  # padding columns cut off, features unchanged
     assert model.text.misses == 2 and model.text.hits == 1  # the repeated caption was computed once
     second = model.encode_text(ids)
     assert model.text.hits == 4

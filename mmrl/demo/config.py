@@ -25,13 +25,21 @@ class StudyConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     out: str = "runs/study"
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of the demo's train section
+    recipe: str = "pinned"                               # "pinned": apply study.train; "demo": the demo's
+                                                         # train section as it is (study.train ignored)
     only: Optional[str] = None                           # evaluate only these suite entries
     exclude: List[str] = field(default_factory=list)     # ... and not these (task or name substring)
+
+    def overrides(self) -> Dict[str, Any]:
+        """The overrides of the demo's train section that every study run gets."""
+        return dict(self.train) if self.recipe == "pinned" else {}
 
     def validate(self) -> None:
         bad = [p for p in self.pools if p not in POOLS]
         if bad or not self.pools:
             raise ConfigError(f"config key 'study.pools': expected a non-empty list of {', '.join(POOLS)}, got {self.pools!r}")
+        if self.recipe not in ("pinned", "demo"):
+            raise ConfigError(f"config key 'study.recipe': expected 'pinned' (apply study.train) or 'demo', got {self.recipe!r}")
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ConfigError(f"config key 'study.seeds': expected distinct integers, got {self.seeds!r}")
 

@@ -161,7 +161,7 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
             name = f"{pool}-seed{seed}"
             log(f"study run {len(runs) + 1}/{total}: {name}")
             t0 = time.perf_counter()
-            extra = dict(cfg.study.train, pool=pool, seed=seed)
+            extra = dict(cfg.study.overrides(), pool=pool, seed=seed)
             if pool not in ("gem", "ggem", "cgem"):
                 extra["pool_kwargs"] = {}
             tcfg = cfg.train_config(shards, out / name / "train", extra=extra, prefix="study.train.")
@@ -195,7 +195,7 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     per_run = sorted(seconds.values())
     lines = ["# Pooling study", "",
              f"Poolings {', '.join(cfg.study.pools)}; seeds {', '.join(map(str, cfg.study.seeds))}; the demo's recipe "
-             f"and budget for each (overrides: {cfg.study.train or 'none'}).", "",
+             f"and budget for each (overrides: {cfg.study.overrides() or 'none'}).", "",
              "## Verdict", ""] + sentences + [
              "", "Intervals are mean ± one sample standard deviation over seeds; \"beyond the seed spread\" means "
              "the two intervals do not overlap.", "",

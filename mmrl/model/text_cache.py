@@ -3,7 +3,8 @@
 With ``lock_text=True`` (LiT) the transformer of an ``open_clip`` ``HFTextEncoder`` never
 changes, so its pooled output for a given token sequence is a constant: only the projection
 trains. :class:`CachedHFTextEncoder` keeps those pooled features in an LRU cache keyed by the
-token ids and runs the transformer only for sequences it has not seen, which removes the text
+token ids and runs the transformer only for sequences it has not seen (cut to the longest real
+caption among them: a 32-token context holds ~14-token emoji captions), which removes the text
 tower's cost from every epoch after the first.
 
 It holds the same submodules under the same names (``transformer``, ``pooler``, ``proj``), so
@@ -48,6 +49,10 @@ class CachedHFTextEncoder(nn.Module):
         if missing:
             rows = tokens[missing]
             mask = (rows != self.config.pad_token_id).long()
+            # trailing columns that are padding in every row change nothing (masked out of
+            # attention and pooling) but cost compute: run the longest real caption's length
+            used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
+            rows, mask = rows[:, :used], mask[:, :used]
             was_training = self.transformer.training
             self.transformer.eval()  # a frozen tower gives one feature per caption: no dropout
             try:
