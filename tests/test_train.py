@@ -220,6 +220,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
     assert "stopped at step" in stdout
 
 
+def test_one_cpu_process_does_not_compile_the_shared_memory_op(tmp_path):
+    """init_distributed for one CPU process: a working process group, and DeepSpeed's shm op (only
+    useful between processes) is neither compiled into a fresh extensions folder nor loaded."""
+    code = ("import os, torch.distributed as dist, deepspeed.comm.comm as c\n"
+            "from mmrl.train.distributed import DistInfo, init_distributed\n"
+            "init_distributed(DistInfo())\n"
+            "assert dist.is_initialized() and dist.get_world_size() == 1\n"
+            "print('shm_op', c.cdb.shm_comm_op)\n")
+    extensions = tmp_path / "torch_extensions"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**env(), "TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shm_op None" in proc.stdout
+    assert not any(extensions.rglob("*shm*")), sorted(extensions.rglob("*"))
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="'zero_stage': expected 0, 1, 2 or 3"):
         load_config(TrainConfig, TINY, ["data.train=x", "zero_stage=4"])

@@ -3,7 +3,8 @@
 Launchers: none (one process), ``torchrun``, the ``deepspeed`` launcher (both set ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) or SLURM (``SLURM_PROCID``,
 ``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` from the first host of the job). The backend
-is nccl when CUDA is available, gloo otherwise. The DeepSpeed config is a dict handed to
+is nccl when CUDA is available, gloo otherwise (one CPU process skips DeepSpeed's shared-memory
+op, which it would compile for nothing). The DeepSpeed config is a dict handed to
 ``deepspeed.initialize``; nothing is written to the working directory.
 """
 from __future__ import annotations
@@ -74,7 +75,25 @@ def init_distributed(info: DistInfo) -> None:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if info.world_size == 1 and backend == "gloo":
+        _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def _skip_shm_comm_op() -> None:
+    """One CPU process has no peers to share memory with, but DeepSpeed's CPU backend compiles its
+    shared-memory collectives op in ``init_distributed`` whatever the world size (~30 s on a fresh
+    machine, per virtual environment). Marking the op incompatible makes DeepSpeed use plain
+    torch.distributed, as it does wherever the op cannot be built; DeepSpeed versions without this
+    table are left alone."""
+    try:
+        import deepspeed.ops
+
+        compatible = deepspeed.ops.__compatible_ops__
+    except Exception:  # noqa: BLE001 - an internal table; without it DeepSpeed builds as usual
+        return
+    if isinstance(compatible, dict) and "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
