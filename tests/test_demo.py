@@ -68,11 +68,19 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     # the results table shows trained and both baselines; the floor table has one row per floor set
     assert "| evaluation set | task | metric | trained | untrained | raw-pixels |" in report
     demo = json.loads((out / "demo.json").read_text())
-    floor_sets = sum(1 for e in suite["entries"] if e["task"] in ("retrieval", "cross-retrieval", "image-retrieval")
-                     or (e["task"] == "zeroshot" and e.get("name") == "fashion-mnist"))
+    floor_sets = sum(1 for e in suite["entries"] if not e.get("trained_on") and (
+        e["task"] in ("retrieval", "cross-retrieval", "image-retrieval")
+        or (e["task"] == "zeroshot" and e.get("name") == "fashion-mnist")))
     assert len(demo["checks"]) == floor_sets
     assert all(math.isfinite(c["trained"]) and c["baselines"] for c in demo["checks"])
     assert len(re.findall(r"^\| .* \| (pass|\*\*FAIL\*\*) \|$", report, flags=re.M)) == floor_sets
+    # the training-concept sets: in the results table and the fit table, never floor sets
+    seen = [e["name"] for e in suite["entries"] if e.get("trained_on")]
+    assert seen and not {c["name"] for c in demo["checks"]} & set(seen)
+    for name in seen:
+        assert f"| {name} (training items) | cross-style image retrieval | mean R@1 |" in report
+        assert re.search(rf"^\| {name} \| cross-style image retrieval \| mean R@1, both directions( \| [0-9.]+){{3}} \|$",
+                         report, flags=re.M), name
     # the exported model is a regular mmrl/open_clip model folder
     import mmrl
 
@@ -185,12 +193,15 @@ def test_floor_checks_compare_with_the_best_baseline():
                EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.40}),
                EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.18}),
                EntryMetrics("emoji-category", "zeroshot", "ok", metrics={"acc1": 0.5}),     # not a floor set
-               EntryMetrics("fashion-mnist", "linear-probe", "ok", metrics={"lp_acc1": 0.7})]  # not a floor set
+               EntryMetrics("fashion-mnist", "linear-probe", "ok", metrics={"lp_acc1": 0.7}),  # not a floor set
+               EntryMetrics("seen-a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.2}, trained_on=True)]  # diagnostic
     baselines = {"untrained": [EntryMetrics("emoji-noto", "retrieval", "ok", metrics=ret(0.02)),
                                EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.10}),
                                EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.14})],
                  "raw-pixels": [EntryMetrics("emoji-noto", "retrieval", "skipped", "no text encoder"),
-                                EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.37})]}
+                                EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.37}),
+                                EntryMetrics("seen-a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.3},
+                                             trained_on=True)]}
     checks = {(c.task, c.name): c for c in floor_checks(trained, baselines, margin=0.05)}
     assert set(checks) == {("retrieval", "emoji-noto"), ("cross-retrieval", "a-b"), ("zeroshot", "fashion-mnist")}
     ret_check = checks[("retrieval", "emoji-noto")]

@@ -118,7 +118,7 @@ def test_suite_runs_present_entries_and_skips_missing_ones(data, tmp_path, capsy
     suite.write_text(
         f"suite: mini\nroot: {data}\nentries:\n"
         "  - {task: retrieval, name: toy, annotations: dataset_toy.json}\n"
-        "  - {task: zeroshot, name: shapes, data: shapes/test, templates: ['a {c}']}\n"
+        "  - {task: zeroshot, name: shapes, data: shapes/test, templates: ['a {c}'], trained_on: true}\n"
         "  - {task: linear-probe, name: gone, train: nothing/train, test: nothing/test, hint: 'mmrl prepare x'}\n"
         "  - {task: zeroshot, dataset: cifar10}\n")
     assert run("suite", suite, "--model", ARCH, "--out", tmp_path / "res", "--no-cache", "--workers", 0) == 0
@@ -126,7 +126,21 @@ def test_suite_runs_present_entries_and_skips_missing_ones(data, tmp_path, capsy
     assert "2 ok, 2 skipped, 0 failed" in out and "mmrl prepare x" in out and "cifar-10-batches-py" in out
     summary = load(tmp_path / "res" / "suite_mini.json")
     assert [e["status"] for e in summary["entries"]] == ["ok", "ok", "skipped", "skipped"]
+    assert [e["trained_on"] for e in summary["entries"]] == [False, True, False, False]
     assert (tmp_path / "res" / "toy_zeroshot_retrieval.json").is_file()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{task: zeroshot, data: x, trained_on: 'yes'}", r"entries\[0\] \(zeroshot\): trained_on must be true or false"),
+    ("{task: zeroshot, data: x, seen: true}", r"entries\[0\] \(zeroshot\): unknown keys \['seen'\]"),
+])
+def test_suite_entry_errors_name_the_entry_and_key(tmp_path, entry, message):
+    from mmrl.evaluation.suite import load_suite
+
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(f"suite: bad\nentries:\n  - {entry}\n")
+    with pytest.raises(ValueError, match=message):
+        load_suite(suite)
 
 
 @pytest.mark.parametrize("name", ["transfer.yaml", "demo.yaml"])

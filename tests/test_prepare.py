@@ -153,6 +153,12 @@ def test_emoji_no_concept_leaks_into_training(corpora, emoji):
     heldout_codes = {v.code for c in heldout for v in by_id[c["concept"]].variants}
     assert any(set(code.split("-")) & set(SKIN_TONES) for code in heldout_codes)
     assert not train_codes & heldout_codes
+    # the fit-diagnostic images are base forms of training concepts, as many as held out
+    trained_base = {s["concept"] for s in samples if s["code"] == s["concept"]}
+    for style in ("twemoji", "openmoji"):
+        seen = {p.stem for p in (out / "seen" / style / "images").glob("*.png")}
+        assert len(seen) == emoji["counts"][f"seen_{style}"] == emoji["outputs"][f"seen/{style}"]["images"]
+        assert 0 < len(seen) <= len(heldout) and seen <= trained_base
     # the chosen caption is first and is one of the image's captions, deterministic per sample
     assert all(s["txt"] == s["caption"] and s["txt"] in s.get("captions", [s["txt"]]) for s in samples)
 

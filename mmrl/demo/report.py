@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .floor import FloorCheck
-from .results import SHOWN_METRICS, EntryMetrics, fmt_metric
+from .results import HEADLINE, SHOWN_METRICS, EntryMetrics, fmt_metric
 
 __all__ = ["SECTIONS", "render_report"]
 
@@ -41,7 +41,27 @@ def _results_table(labels: Sequence[str], entries: Dict[str, List[EntryMetrics]]
             for lab in labels:
                 other = index[lab].get(e.key)
                 cells.append(fmt_metric(other.metrics.get(key) if other and other.status == "ok" else None, key))
-            lines.append(f"| {e.name} | {_TASK_NAMES.get(e.task, e.task)} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_set_name(e)} | {_TASK_NAMES.get(e.task, e.task)} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _set_name(e: EntryMetrics) -> str:
+    return f"{e.name} (training items)" if e.trained_on else e.name
+
+
+def _fit_table(labels: Sequence[str], entries: Dict[str, List[EntryMetrics]]) -> List[str]:
+    """Headline metric of the sets of training items, per model: the fit diagnostic."""
+    seen = [e for e in entries[labels[0]] if e.trained_on and e.status == "ok"]
+    if not seen:
+        return []
+    index = {label: {e.key: e for e in entries.get(label, [])} for label in labels}
+    lines = ["", "Sets of items the model trained on (the suite's `trained_on`; never floor sets). A trained model "
+             "that does not clearly beat the baselines here does not fit its own training data in this budget: "
+             "the held-out gaps above are then under-fitting, not poor transfer.", "",
+             "| training-item set | task | metric | " + " | ".join(labels) + " |", "|" + "---|" * (3 + len(labels))]
+    for e in seen:
+        cells = [fmt_metric(index[lab][e.key].headline() if e.key in index[lab] else None) for lab in labels]
+        lines.append(f"| {e.name} | {_TASK_NAMES.get(e.task, e.task)} | {HEADLINE[e.task][1]} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -124,6 +144,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
     lines += ["## Quality floor", "",
               f"Headline metric per set; pass when trained - best baseline >= {100 * cfg.floor_margin:.0f} points.", ""]
     lines += _floor_table(checks) if checks else ["No floor set was evaluated."]
+    lines += _fit_table(labels, entries)
     # files
     lines += ["", "## Files", ""]
     lines += [f"- `{rel(p)}`" for p in files]

@@ -43,6 +43,7 @@ class EntryMetrics:
     message: str = ""
     result: Optional[str] = None
     metrics: Dict[str, float] = field(default_factory=dict)
+    trained_on: bool = False  # the suite marks the set as training items (a fit diagnostic)
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -62,7 +63,8 @@ def read_suite(path: Path) -> List[EntryMetrics]:
     """The entries of a ``suite_<name>.json`` summary."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     return [EntryMetrics(e["name"], e["task"], e["status"], e.get("message", ""), e.get("result"),
-                         {k: float(v) for k, v in (e.get("metrics") or {}).items() if isinstance(v, (int, float))})
+                         {k: float(v) for k, v in (e.get("metrics") or {}).items() if isinstance(v, (int, float))},
+                         bool(e.get("trained_on", False)))
             for e in data.get("entries", [])]
 
 

@@ -43,7 +43,7 @@ _KEYS = {
     "image-retrieval": {"dataset", "data", "split", "features"},
     "cross-retrieval": {"query", "gallery"},
 }
-_COMMON = {"task", "name", "hint"}
+_COMMON = {"task", "name", "hint", "trained_on"}  # trained_on: true marks a fit diagnostic on training items
 _NEEDS = {"retrieval": ("annotations",), "linear-probe": ("train", "test"), "cross-retrieval": ("query", "gallery")}
 _TEXT_TASKS = ("retrieval", "zeroshot")
 
@@ -104,6 +104,8 @@ def load_suite(path: str | Path, root: Optional[str | Path] = None) -> Suite:
         if "dataset" not in raw and not all(k in raw for k in need):
             either = "" if "dataset" not in _KEYS[task] else "'dataset' or "
             raise ValueError(f"{path}: entries[{n}] ({task}) needs {either}{' + '.join(need)}")
+        if not isinstance(raw.get("trained_on", False), bool):
+            raise ValueError(f"{path}: entries[{n}] ({task}): trained_on must be true or false, got {raw['trained_on']!r}")
         limit = raw.get("train_limit")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"{path}: entries[{n}] ({task}): train_limit must be a positive integer, got {limit!r}")
@@ -212,7 +214,8 @@ def run_suite(em: EvalModel, opts: RunOptions, suite: Suite, *, only: Optional[s
     summary = {
         "suite": suite.name, "file": str(suite.path), "root": str(suite.root), "model": em.info.as_dict(),
         "entries": [{"task": r.entry.task, "name": r.entry.label, "status": r.status, "message": r.message,
-                     "result": r.result, "metrics": r.metrics} for r in results],
+                     "result": r.result, "metrics": r.metrics, "trained_on": bool(r.entry.spec.get("trained_on", False))}
+                    for r in results],
     }
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / f"suite_{suite.name}.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")

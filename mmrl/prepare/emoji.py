@@ -19,6 +19,9 @@ Layout of ``root/emoji/`` (see ``data_prep/emoji.md``)::
     heldout/STYLE/labels.json           image -> concept id (shared across styles), categories
     heldout/STYLE/category/             zero-shot image folders over categories
     heldout/STYLE/subcategory/          ... and over subcategories
+    seen/STYLE/images/ID.png            as many TRAINING concepts (evenly spaced, base form, on
+                                        white): the same cross-style sets on concepts the model
+                                        trained on, which tell under-fitting from poor transfer
     _render/STYLE/CODE.png              rendered sources (cache)
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .svg import RenderTask, load_cairosvg, render_file
 
 __all__ = ["Concept", "load_concepts", "emoji_key", "concept_group", "is_heldout", "captions", "prepare_emoji"]
 
-VERSION = 1
+VERSION = 2
 HELDOUT_PERCENT = 20
 OPENMOJI_BOX = 128
 NOTO_SIZE = 109  # the one bitmap strike of NotoColorEmoji.ttf (CBDT)
@@ -255,6 +258,21 @@ def _heldout_style(style: str, files: Dict[str, Path], concepts: List[Concept], 
     return len(items)
 
 
+def _seen_style(style: str, files: Dict[str, Path], concepts: List[Concept], out: Path, manifest: Manifest) -> int:
+    """Base-form images of training concepts in one style (a fit diagnostic, never a test set)."""
+    base = out / "seen" / style / "images"
+    shutil.rmtree(base.parent, ignore_errors=True)
+    count = 0
+    for c in concepts:
+        src = files.get(c.variants[0].code)
+        if src is not None:
+            with Image.open(src) as img:
+                save_image(img, base / f"{c.id}.png")
+            count += 1
+    manifest.outputs[f"seen/{style}"] = {"kind": "images", "path": f"seen/{style}/images", "images": count}
+    return count
+
+
 def prepare_emoji(root: Path, out: Path, *, limit: Optional[int], workers: Optional[int],
                   manifest: Manifest) -> None:
     """Build ``out`` (= ``root/emoji``); fills ``manifest``."""
@@ -303,6 +321,9 @@ def prepare_emoji(root: Path, out: Path, *, limit: Optional[int], workers: Optio
     for style, files in styles.items():
         manifest.counts[f"{style}_images"] = sum(v.code in files for c in concepts for v in c.variants)
         manifest.counts[f"heldout_{style}"] = _heldout_style(style, files, heldout, out, manifest)
+    seen = evenly_spaced(train, len(heldout))
+    for style, files in styles.items():
+        manifest.counts[f"seen_{style}"] = _seen_style(style, files, seen, out, manifest)
     log(f"emoji: {summary['samples']:,} training samples in {summary['shards']} shards, "
         f"{len(heldout)} held-out concepts in {len(styles)} styles")
 
