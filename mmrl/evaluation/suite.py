@@ -149,7 +149,7 @@ def _probe_options(s: Dict[str, Any]):
 def _run_entry(em: EvalModel, opts: RunOptions, suite: Suite, e: SuiteEntry):
     from .cross_retrieval import run_cross_retrieval
     from .image_retrieval import run_image_retrieval
-    from .linear_probe import LinearProbeOptions, run_linear_probe
+    from .linear_probe import run_linear_probe
     from .retrieval import run_retrieval
     from .zeroshot import run_zeroshot
 
