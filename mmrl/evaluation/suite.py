@@ -60,6 +60,11 @@ class SuiteEntry:
         return str(s.get("name") or s.get("dataset") or s.get("data") or s.get("annotations") or s.get("train")
                    or s.get("query") or f"entry {self.index}")
 
+    @property
+    def trained_on(self) -> bool:
+        """The suite marks the set as items the model trained on (a fit diagnostic)."""
+        return bool(self.spec.get("trained_on", False))
+
 
 @dataclass
 class Suite:
@@ -214,7 +219,7 @@ def run_suite(em: EvalModel, opts: RunOptions, suite: Suite, *, only: Optional[s
     summary = {
         "suite": suite.name, "file": str(suite.path), "root": str(suite.root), "model": em.info.as_dict(),
         "entries": [{"task": r.entry.task, "name": r.entry.label, "status": r.status, "message": r.message,
-                     "result": r.result, "metrics": r.metrics, "trained_on": bool(r.entry.spec.get("trained_on", False))}
+                     "result": r.result, "metrics": r.metrics, "trained_on": r.entry.trained_on}
                     for r in results],
     }
     opts.out_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,6 @@ from .svg import RenderTask, load_cairosvg, render_file
 
 __all__ = ["Concept", "load_concepts", "emoji_key", "concept_group", "is_heldout", "captions", "prepare_emoji"]
 
-VERSION = 2
 HELDOUT_PERCENT = 20
 OPENMOJI_BOX = 128
 NOTO_SIZE = 109  # the one bitmap strike of NotoColorEmoji.ttf (CBDT)
@@ -225,19 +224,26 @@ def _noto(concepts: List[Concept], cache: Path, root: Path) -> Tuple[Dict[str, P
 
 # --- recipe ------------------------------------------------------------------------------------
 
+def _save_base_forms(files: Dict[str, Path], concepts: List[Concept], folder: Path) -> List[Tuple[Concept, Path]]:
+    """``folder/ID.png`` (flattened onto white) for each concept whose base form this style has."""
+    saved = []
+    for c in concepts:
+        src = files.get(c.variants[0].code)
+        if src is not None:
+            dst = folder / f"{c.id}.png"
+            with Image.open(src) as img:
+                save_image(img, dst)
+            saved.append((c, dst))
+    return saved
+
+
 def _heldout_style(style: str, files: Dict[str, Path], concepts: List[Concept], out: Path,
                    manifest: Manifest) -> int:
     """Images, Karpathy JSON, labels and zero-shot folders of one style's held-out concepts."""
     base = out / "heldout" / style
     shutil.rmtree(base, ignore_errors=True)
     items, labels, cats, subs = [], [], [], []
-    for c in concepts:
-        src = files.get(c.variants[0].code)
-        if src is None:
-            continue
-        dst = base / "images" / f"{c.id}.png"
-        with Image.open(src) as img:
-            save_image(img, dst)  # flattened onto white
+    for c, dst in _save_base_forms(files, concepts, base / "images"):
         items.append(RetrievalItem(dst.name, captions(c), extra={"concept": c.id}))
         labels.append({"filename": dst.name, "concept": c.id, "group": c.group, "name": c.name,
                        "category": c.category, "subcategory": c.subcategory})
@@ -260,15 +266,8 @@ def _heldout_style(style: str, files: Dict[str, Path], concepts: List[Concept], 
 
 def _seen_style(style: str, files: Dict[str, Path], concepts: List[Concept], out: Path, manifest: Manifest) -> int:
     """Base-form images of training concepts in one style (a fit diagnostic, never a test set)."""
-    base = out / "seen" / style / "images"
-    shutil.rmtree(base.parent, ignore_errors=True)
-    count = 0
-    for c in concepts:
-        src = files.get(c.variants[0].code)
-        if src is not None:
-            with Image.open(src) as img:
-                save_image(img, base / f"{c.id}.png")
-            count += 1
+    shutil.rmtree(out / "seen" / style, ignore_errors=True)
+    count = len(_save_base_forms(files, concepts, out / "seen" / style / "images"))
     manifest.outputs[f"seen/{style}"] = {"kind": "images", "path": f"seen/{style}/images", "images": count}
     return count
 
@@ -318,11 +317,10 @@ def prepare_emoji(root: Path, out: Path, *, limit: Optional[int], workers: Optio
         "concepts": len(concepts), "train_concepts": len(train), "heldout_concepts": len(heldout),
         "variants": sum(len(c.variants) for c in concepts), "train_samples": summary["samples"],
     })
+    seen = evenly_spaced(train, len(heldout))
     for style, files in styles.items():
         manifest.counts[f"{style}_images"] = sum(v.code in files for c in concepts for v in c.variants)
         manifest.counts[f"heldout_{style}"] = _heldout_style(style, files, heldout, out, manifest)
-    seen = evenly_spaced(train, len(heldout))
-    for style, files in styles.items():
         manifest.counts[f"seen_{style}"] = _seen_style(style, files, seen, out, manifest)
     log(f"emoji: {summary['samples']:,} training samples in {summary['shards']} shards, "
         f"{len(heldout)} held-out concepts in {len(styles)} styles")
