@@ -117,10 +117,10 @@ def step_results(tmp_path_factory):
     worker = str(ROOT / "tests" / "helpers" / "train_step_worker.py")
     run(torchrun(1, worker, str(tmp / "batch.pt"), str(tmp), "global:0:1", "accum:0:2", "nan1:0:1:nan",
                  "sig_global:0:1:siglip",
-                 "grp_global:0:1:group", "grp_accum:0:2:group"))
+                 "grp_global:0:1:group", "grp_accum:0:2:group", "stem_global:0:1:stem"))
     run(torchrun(2, worker, str(tmp / "batch.pt"), str(tmp), "zero2:2:1", "zero3:3:1", "nan2:2:1:nan",
                  "sig_zero2:2:1:siglip",
-                 "grp_zero2:2:1:group"))
+                 "grp_zero2:2:1:group", "stem_zero3:3:1:stem"))
     return {p.stem: torch.load(p) for p in tmp.glob("*.pt") if p.stem != "batch"}
 
 
@@ -163,6 +163,18 @@ def test_grouped_loss_on_two_ranks_or_micro_batches_equals_global_batch(step_res
     assert abs(other["loss"] - ref["loss"]) < 1e-5
     assert_same_update(other["state"], ref["state"])
     assert abs(ref["loss"] - step_results["global"]["loss"]) > 0.1  # the groups changed the loss
+
+
+def test_groupnorm_conv_stem_on_two_ranks_equals_global_batch(step_results):
+    ref, two = step_results["stem_global"], step_results["stem_zero3"]
+    assert abs(two["loss"] - ref["loss"]) < 1e-5
+    assert_same_update(two["state"], ref["state"])
+    assert "visual.conv1.stages.0.weight" in ref["state"] and "visual.conv1.weight" not in ref["state"]
+    torch.manual_seed(0)
+    start = mmrl.create_model("mmrl-vit-tiny-p8-64", "ggem", vision_cfg={"conv_stem": {"channels": [8, 16, 32],
+                                                                                      "norm": "groupnorm"}})
+    moved = [k for k, v in start.state_dict().items() if not torch.equal(v, ref["state"][k])]
+    assert "visual.conv1.stages.0.weight" in moved and len(moved) > 50  # the stem trained with the rest
 
 
 @pytest.mark.parametrize("variant", ["nan1", "nan2"])

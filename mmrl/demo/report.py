@@ -123,6 +123,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
               f"(the demo config's `train:` section), run in `{rel(Path(tcfg.output_dir))}`"
               + (" (reused: finished earlier with the same recipe)" if train_reused else ""),
               f"- model `{tcfg.model}`, pooling `{tcfg.pool}` {tcfg.pool_kwargs or ''}, text tower {text_tower}",
+              _image_tower_line(tcfg.model),
               f"- {summary.get('step')} steps x batch {tcfg.batch_size}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, cosine), "
               f"weight decay {tcfg.weight_decay:g}, GGeM p lr x{tcfg.p_lr_mult:g}, {tcfg.precision}, ZeRO-{tcfg.zero_stage}",
               f"- augmentation: crop scale {tuple(aug.scale)}, grayscale p={aug.grayscale:g}, invert p={aug.invert:g}, "
@@ -156,6 +157,18 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
                   "| phase | wall time |", "|---|---|"]
         lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in measured.items()]
     return "\n".join(lines) + "\n"
+
+
+def _image_tower_line(model_name: str) -> str:
+    from ..model.factory import get_model_config
+
+    vc = get_model_config(model_name)["vision_cfg"]
+    stem = vc.get("conv_stem")
+    stem_text = (f"a conv stem of {len(stem['channels'])} stride-2 3x3 convolutions {stem['channels']} "
+                 f"({stem.get('norm', 'batchnorm')}) then 1x1 to the width" if stem
+                 else f"one {vc['patch_size']}x{vc['patch_size']} patchify convolution")
+    return (f"- image tower: ViT width {vc['width']} x {vc['layers']} blocks, {vc['image_size']} px, "
+            f"{(vc['image_size'] // vc['patch_size']) ** 2} tokens of {vc['patch_size']}x{vc['patch_size']} px from {stem_text}")
 
 
 def _grouping_lines(tcfg, last: dict) -> List[str]:

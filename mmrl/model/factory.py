@@ -28,7 +28,7 @@ from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
-from .vision import build_vision_tower
+from .vision import MMRL_VISION_KEYS, build_vision_tower
 
 __all__ = [
     "list_models", "get_model_config", "resolve_model_cfg", "create_model", "create_model_from_config",
@@ -46,7 +46,8 @@ def _register_builtin_configs() -> None:
     for path in sorted(CONFIG_DIR.glob("*.json")):
         cfg = json.loads(path.read_text())
         _MODEL_CONFIGS[path.stem] = cfg
-        if "pkg:" not in path.read_text():  # pure open_clip configs are usable by open_clip too
+        # pure open_clip configs (no packaged HF tower, no mmrl-only vision keys) are usable by open_clip too
+        if "pkg:" not in path.read_text() and not set(cfg.get("vision_cfg", {})) & set(MMRL_VISION_KEYS):
             open_clip.add_model_config(path)
 
 

@@ -7,6 +7,11 @@ same parameters, same state-dict keys, same ``forward`` / ``forward_intermediate
 computed as in open_clip and used only by ``pool_type='tok'``; every other kind pools
 the patch tokens. The final LayerNorm's position follows open_clip's
 ``final_ln_after_pool`` (default False: ``ln_post`` on the tokens, then pool).
+
+``vision_cfg.conv_stem`` (``{"channels": [...], "norm": "batchnorm"}``, default none) replaces
+the patchify convolution ``conv1`` by :class:`mmrl.layers.ConvStem` (early convolutions, same
+token grid); the state dict then holds ``visual.conv1.stages.*`` / ``visual.conv1.proj.*``
+instead of ``visual.conv1.weight``. Without it the tower is open_clip's, key for key.
 """
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ from open_clip.model import CLIPVisionCfg
 from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, VisionTransformer
 from torch import nn
 
+from ..layers.conv_stem import ConvStem
 from ..layers.pools import build_pool, list_pools
 
 __all__ = ["PooledVisionTransformer", "build_vision_tower", "MMRL_VISION_KEYS"]
 
 # keys mmrl adds to open_clip's vision_cfg schema
-MMRL_VISION_KEYS = ("pool_kwargs",)
+MMRL_VISION_KEYS = ("pool_kwargs", "conv_stem")
 _OPEN_CLIP_VISION_KEYS = {f.name for f in fields(CLIPVisionCfg)}
 
 
@@ -42,6 +48,7 @@ class PooledVisionTransformer(VisionTransformer):
         *,
         pool_type: str = "ggem",
         pool_kwargs: Optional[Dict[str, Any]] = None,
+        conv_stem: Optional[Dict[str, Any]] = None,
         **kwargs,
     ):
         if kwargs.get("attentional_pool"):
@@ -53,6 +60,13 @@ class PooledVisionTransformer(VisionTransformer):
         self.pool_type = pool_type
         self.pool_kwargs = dict(pool_kwargs or {})
         self.pooler = build_pool(pool_type, width, heads, **self.pool_kwargs)
+        self.conv_stem = dict(conv_stem) if conv_stem else None
+        if self.conv_stem is not None:
+            unknown = set(self.conv_stem) - {"channels", "norm"}
+            if unknown or "channels" not in self.conv_stem:
+                raise ValueError(f"vision_cfg.conv_stem: expected keys 'channels' (required) and 'norm', "
+                                 f"got {sorted(self.conv_stem)}")
+            self.conv1 = ConvStem(patch_size, width, **self.conv_stem)
 
     def _global_pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         tokens = x[:, 1:]
@@ -64,6 +78,17 @@ class PooledVisionTransformer(VisionTransformer):
         if unlocked_groups != 0:  # the pooler belongs to the last (head) group
             for param in self.pooler.parameters():
                 param.requires_grad = True
+        # a locked conv stem is a fixed function: its BatchNorm statistics stop updating too
+        self._stem_frozen = self.conv_stem is not None and not any(p.requires_grad for p in self.conv1.parameters())
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_stem_frozen", False):
+            for m in self.conv1.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -79,6 +104,7 @@ def build_vision_tower(
     """Build the ViT tower exactly as open_clip's ``_build_vision_tower`` would, pooling with mmrl."""
     cfg = dict(vision_cfg)
     pool_kwargs = cfg.pop("pool_kwargs", None) or {}
+    conv_stem = cfg.pop("conv_stem", None)
     unknown = set(cfg) - _OPEN_CLIP_VISION_KEYS
     if unknown:
         raise ValueError(f"vision_cfg: unknown keys {sorted(unknown)}")
@@ -106,6 +132,7 @@ def build_vision_tower(
         final_ln_after_pool=vc.final_ln_after_pool,
         pool_type=vc.pool_type,
         pool_kwargs=pool_kwargs,
+        conv_stem=conv_stem,
         output_tokens=vc.output_tokens,
         output_dim=embed_dim,
         act_layer=act_layer,
