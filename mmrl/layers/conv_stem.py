@@ -49,7 +49,6 @@ class ConvStem(nn.Module):
             raise ValueError(f"conv_stem.channels: expected positive integers, got {channels}")
         if norm not in STEM_NORMS:
             raise ValueError(f"conv_stem.norm: expected one of {list(STEM_NORMS)}, got {norm!r}")
-        self.patch_size = patch_size
         layers = []
         cin = in_chans
         for cout in channels:

@@ -44,10 +44,11 @@ _PLACEHOLDER_VISION = {"image_size": 1, "patch_size": 1, "width": 8, "head_width
 
 def _register_builtin_configs() -> None:
     for path in sorted(CONFIG_DIR.glob("*.json")):
-        cfg = json.loads(path.read_text())
+        text = path.read_text()
+        cfg = json.loads(text)
         _MODEL_CONFIGS[path.stem] = cfg
         # pure open_clip configs (no packaged HF tower, no mmrl-only vision keys) are usable by open_clip too
-        if "pkg:" not in path.read_text() and not set(cfg.get("vision_cfg", {})) & set(MMRL_VISION_KEYS):
+        if "pkg:" not in text and not set(cfg.get("vision_cfg", {})) & set(MMRL_VISION_KEYS):
             open_clip.add_model_config(path)
 
 

@@ -78,13 +78,13 @@ class PooledVisionTransformer(VisionTransformer):
         if unlocked_groups != 0:  # the pooler belongs to the last (head) group
             for param in self.pooler.parameters():
                 param.requires_grad = True
-        # a locked conv stem is a fixed function: its BatchNorm statistics stop updating too
-        self._stem_frozen = self.conv_stem is not None and not any(p.requires_grad for p in self.conv1.parameters())
-        self.train(self.training)
+        self.train(self.training)  # apply the stem rule below to the current mode
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if getattr(self, "_stem_frozen", False):
+        # a locked (frozen) conv stem is a fixed function: its BatchNorm statistics stop updating too
+        stem_frozen = self.conv_stem is not None and not any(p.requires_grad for p in self.conv1.parameters())
+        if mode and stem_frozen:
             for m in self.conv1.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
