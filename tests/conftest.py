@@ -41,3 +41,8 @@ def fashion(corpora) -> dict:
 @pytest.fixture(scope="session")
 def openclipart(corpora) -> dict:
     return prepared(corpora, "openclipart")
+
+
+@pytest.fixture(scope="session")
+def glyphs(corpora) -> dict:
+    return prepared(corpora, "glyphs")

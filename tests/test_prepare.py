@@ -82,7 +82,10 @@ def check_imagefolder(out: Path, entry: dict) -> Dict[str, List[Path]]:
 # --- API ---------------------------------------------------------------------------------------
 
 def test_recipes_and_bad_names(tmp_path):
-    assert list(RECIPES) == ["emoji", "tuxpaint", "fashion-mnist", "openclipart"]
+    assert list(RECIPES) == ["emoji", "tuxpaint", "fashion-mnist", "openclipart", "glyphs"]
+    from mmrl.commands.prepare import CORPORA
+
+    assert CORPORA == tuple(RECIPES)  # `mmrl prepare --help` names every recipe
     with pytest.raises(ValueError) as err:
         prepare("imagenet", tmp_path)
     message = str(err.value)
@@ -199,6 +202,30 @@ def test_tuxpaint_retrieval_and_zeroshot(corpora, tuxpaint):
     assert sum(map(len, files.values())) == len(data["images"])
 
 
+@pytest.mark.parametrize("mode,size", [("RGBA", (40, 10)), ("RGBA", (9, 30)), ("RGB", (31, 12)), ("LA", (5, 8)),
+                                       ("L", (12, 7)), ("RGBA", (16, 16))])
+def test_pad_to_square_centres_the_whole_picture(mode, size):
+    from mmrl.prepare.common import pad_to_square
+
+    rng = __import__("numpy").random.default_rng(0)
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    pixels = rng.integers(1, 255, (size[1], size[0], bands), dtype="uint8")
+    img = Image.fromarray(pixels.squeeze(-1) if bands == 1 else pixels, mode)
+    out = pad_to_square(img)
+    side = max(size)
+    assert out.size == (side, side)
+    left, top = (side - size[0]) // 2, (side - size[1]) // 2
+    inner = out.crop((left, top, left + size[0], top + size[1]))
+    assert list(inner.convert(img.mode if img.mode != "L" else "RGB").getdata()) == \
+        list(img.convert(img.mode if img.mode != "L" else "RGB").getdata())  # nothing rescaled or moved
+    if size[0] == size[1]:
+        assert out is img
+    elif "A" in out.getbands():  # the margin is transparent: flattening puts it on white
+        assert out.getpixel((0, 0))[-1] == 0 and out.getpixel((side - 1, side - 1))[-1] == 0
+    else:
+        assert out.getpixel((0, 0)) == (255, 255, 255) == out.getpixel((side - 1, side - 1))
+
+
 # --- fashion-mnist -----------------------------------------------------------------------------
 
 @needs_apt
@@ -281,11 +308,84 @@ def test_openclipart_metadata_and_blank_svgs(tmp_path):
     assert not (tmp_path / "blank.png").exists()
 
 
+# --- glyphs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ch, first, concept", [
+    ("q", "the letter q", "glyph:q"), ("Q", "the letter Q", "glyph:q"), ("ä", "the letter ä with diaeresis", "glyph:ä"),
+    ("Ä", "the letter Ä with diaeresis", "glyph:ä"), ("ß", "the letter sharp s", "glyph:ß"),
+    ("3", "the number three", "glyph:3"), ("£", "the pound sign", "glyph:£"), ("≠", "the not equal to symbol", "glyph:≠"),
+    ("♞", "the black chess knight symbol", "glyph:♞"), ("\U0001D122", "the f clef symbol", "glyph:\U0001D122"),
+    ("µ", "the micro sign", "glyph:µ"),
+])
+def test_glyph_captions_follow_unicode_names(ch, first, concept):
+    from mmrl.prepare.glyphs import glyph_captions, glyph_concept
+
+    caps = glyph_captions(ch)
+    assert caps[0] == first and len(caps) == len(set(caps)) >= 3 and all(caps)
+    assert glyph_concept(ch) == concept
+    assert glyph_captions("\u0378") == []  # unassigned: no name, no caption
+
+
+def test_glyph_character_set_and_emoji_exclusion():
+    from mmrl.prepare.glyphs import CHARACTERS, emoji_codepoints, glyph_captions, glyph_concept
+
+    emoji = emoji_codepoints()
+    assert {"\u265f", "\u2660", "\u00a9"} <= emoji  # chess pawn, spade suit, copyright: emoji in emoji-data
+    assert not set("qQ3£≠♞") & emoji
+    assert all(glyph_captions(ch) for ch in CHARACTERS) and len(set(CHARACTERS)) == len(CHARACTERS)
+    letters = [ch for ch in CHARACTERS if ch.isascii() and ch.isalpha()]
+    assert len(letters) == 52 and len({glyph_concept(ch) for ch in letters}) == 26  # case folds to one concept
+
+
+@needs_apt
+def test_glyphs_shards_captions_and_styles(corpora, glyphs):
+    from mmrl.prepare.glyphs import FACES, MAX_FACES, emoji_codepoints, glyph_captions, glyph_concept
+
+    out = corpora / "glyphs"
+    samples = check_shards_match_manifest(out, glyphs["outputs"]["train"])
+    counts = glyphs["counts"]
+    assert counts["characters"] == LIMITS["glyphs"] and counts["filled"] + counts["outline"] == len(samples)
+    assert {s["name"] for s in glyphs["sources"]} >= {"fonts-dejavu-core", "fonts-liberation",
+                                                      "fonts-freefont-ttf", "fonts-urw-base35", "unicodedata"}
+    emoji = emoji_codepoints()
+    per_char: Dict[str, set] = {}
+    for s in samples:
+        ch = s["char"]
+        assert ch not in emoji and s["codepoint"] == f"{ord(ch):04X}"
+        assert s["txt"] in glyph_captions(ch) and s["captions"] == glyph_captions(ch)
+        assert s["concept"] == glyph_concept(ch) and s["font"] in {f.name for f in FACES}
+        assert s["size"][0] == s["size"][1] <= 128
+        per_char.setdefault(ch, set()).add(s["font"])
+    assert len(per_char) == counts["characters"] - sum(ch in emoji for ch in per_char)
+    assert all(1 <= len(fonts) <= MAX_FACES for fonts in per_char.values())
+    assert {s["style"] for s in samples} == {"filled", "outline"}
+
+
+@needs_apt
+def test_glyph_rendering_filled_outline_and_coverage(corpora, glyphs):
+    from PIL import ImageFont
+
+    from mmrl.prepare.glyphs import FONT_SIZE, _covered, render_glyph
+
+    font_path = corpora / "_debs" / "fonts-dejavu-core" / "usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+    font = ImageFont.truetype(str(font_path), FONT_SIZE)
+    filled, outline = render_glyph("M", font, "filled"), render_glyph("M", font, "outline")
+    for img in (filled, outline):
+        assert img.mode == "RGBA" and img.width == img.height
+    ink = lambda img: sum(1 for a, r in zip(img.getchannel("A").getdata(), img.getchannel("R").getdata())
+                          if a > 128 and r < 128)
+    assert ink(outline) < 0.7 * ink(filled)  # an outline leaves the inside of the strokes white
+    assert outline.getchannel("A").getbbox() is not None
+    covered = _covered(font_path)
+    assert {"M", "q", "€"} <= covered and "\U0001D122" not in covered  # DejaVu draws no f clef
+
+
 # --- idempotency (after the fixtures above ran once) --------------------------------------------
 
 @pytest.mark.parametrize("name", ["emoji", pytest.param("tuxpaint", marks=needs_apt),
                                   pytest.param("fashion-mnist", marks=needs_apt),
-                                  pytest.param("openclipart", marks=needs_apt)])
+                                  pytest.param("openclipart", marks=needs_apt),
+                                  pytest.param("glyphs", marks=needs_apt)])
 def test_second_run_reuses_everything(request, corpora, name):
     request.getfixturevalue({"fashion-mnist": "fashion"}.get(name, name))
     out = corpora / name

@@ -6,7 +6,7 @@ import json
 
 from ..cli import command
 
-CORPORA = ("emoji", "tuxpaint", "fashion-mnist", "openclipart")
+CORPORA = ("emoji", "tuxpaint", "fashion-mnist", "openclipart", "glyphs")
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo even if ROOT/NAME/manifest.json says it is done")
 
 
-@command("prepare", "fetch and lay out a real corpus (emoji, tuxpaint, fashion-mnist, openclipart)", _arguments)
+@command("prepare", "fetch and lay out a real corpus (" + ", ".join(CORPORA) + ")", _arguments)
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ..prepare import prepare
 

@@ -11,6 +11,8 @@ tuxpaint       Tux Paint stamps with their human captions: a retrieval test set;
                the 16 top-level stamp folders
 fashion-mnist  Fashion-MNIST train/test classification sets (image folders, 10 classes)
 openclipart    OpenClipart SVGs with title + keyword captions (noisy alt-text): training shards
+glyphs         letters, digits and symbols drawn by 22 typefaces, captioned from their Unicode names:
+               training shards
 ============== ======================================================================================
 
 Every recipe is idempotent: a ``manifest.json`` recording the same options means the corpus is
@@ -50,6 +52,12 @@ def _fashion_mnist(*args, **kwargs) -> None:
     prepare_fashion_mnist(*args, **kwargs)
 
 
+def _glyphs(*args, **kwargs) -> None:
+    from .glyphs import prepare_glyphs
+
+    prepare_glyphs(*args, **kwargs)
+
+
 def _openclipart(*args, **kwargs) -> None:
     from .openclipart import prepare_openclipart
 
@@ -63,10 +71,11 @@ RECIPES: Dict[str, Recipe] = {
     "tuxpaint": _tuxpaint,
     "fashion-mnist": _fashion_mnist,
     "openclipart": _openclipart,
+    "glyphs": _glyphs,
 }
 
 # bump a recipe's number when its output changes: an older run's folder is then rebuilt from scratch
-VERSIONS: Dict[str, int] = {"emoji": 2, "tuxpaint": 1, "fashion-mnist": 1, "openclipart": 1}
+VERSIONS: Dict[str, int] = {"emoji": 2, "tuxpaint": 1, "fashion-mnist": 1, "openclipart": 1, "glyphs": 1}
 
 
 def _recorded_version(out: Path) -> Optional[int]:

@@ -25,7 +25,7 @@ from ..fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "PrepareError", "log", "require", "pip_source", "stable_hash", "evenly_spaced", "atomic_write_text",
-    "atomic_write_json", "save_image", "link_or_copy", "slug", "caption_tokens", "RetrievalItem",
+    "atomic_write_json", "save_image", "pad_to_square", "link_or_copy", "slug", "caption_tokens", "RetrievalItem",
     "write_karpathy", "write_imagefolder", "parallel_map", "Manifest", "done_manifest", "MANIFEST",
 ]
 
@@ -98,6 +98,20 @@ def save_image(img: Image.Image, path: Path, *, max_size: Optional[int] = None, 
     else:
         atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=False))
     return img.size
+
+
+def pad_to_square(img: Image.Image) -> Image.Image:
+    """Centre ``img`` on a square canvas of its longer side: transparent where it has alpha (it is
+    flattened onto white later), white otherwise. Nothing of the picture is lost or rescaled."""
+    side = max(img.size)
+    if img.width == img.height:
+        return img
+    if img.mode not in ("RGBA", "LA", "PA"):
+        img = img.convert("RGB")
+    canvas = Image.new(img.mode if img.mode != "PA" else "RGBA", (side, side),
+                       (255, 255, 255) if img.mode == "RGB" else 0)
+    canvas.paste(img.convert(canvas.mode), ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
