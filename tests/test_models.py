@@ -259,3 +259,32 @@ def test_cached_locked_text_tower_matches_and_keeps_keys(tmp_path):
         torch.testing.assert_close(loaded.encode_text(tok(["a red apple"])), reference[1:2])
     with pytest.raises(ValueError, match="lock_text"):
         mmrl.create_model(name, pool="ggem", cache_text=True)
+
+
+def test_text_cache_warm_equals_on_the_fly_features():
+    """``warm`` computes exactly the features a batch would, counts as neither hit nor miss, and
+    never evicts: afterwards a batch of warmed captions runs no transformer at all."""
+    from mmrl.model.text_cache import enable_text_cache
+
+    name = "mmrl-vit-tiny-p8-64-minilm"
+    torch.manual_seed(0)
+    model = mmrl.create_model(name, pool="ggem", lock_text=True)
+    tokenizer = mmrl.get_tokenizer(name)
+    captions = ["A chick inside an egg.", "a red apple", "the letter q", "an emoji of a frog face, with long legs",
+                "three", "the pound sign"]
+    model.eval()
+    with torch.no_grad():
+        reference = model.encode_text(tokenizer(captions))
+    enable_text_cache(model)
+    assert model.text.warm(tokenizer(captions + captions[:2]), batch_size=4) == len(captions)
+    assert (model.text.hits, model.text.misses) == (0, 0)
+    calls = []
+    hook = model.text.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    got = model.encode_text(tokenizer(captions[::-1]))
+    hook.remove()
+    assert not calls and (model.text.hits, model.text.misses) == (len(captions), 0)
+    torch.testing.assert_close(got, reference.flip(0))
+    assert model.text.warm(tokenizer(captions)) == 0  # all cached already
+    model.text.max_entries = len(captions) + 1
+    assert model.text.warm(tokenizer(["one", "two", "three more"])) == 1  # room for one: nothing evicted
+    assert len(model.text._cache) == len(captions) + 1

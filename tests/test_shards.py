@@ -305,3 +305,22 @@ def test_cli_build_and_errors(tmp_path, image_dir, capsys):
     assert main(["shard", "build", "--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.csv: no such file" in err[0]
+
+
+def test_shard_captions_lists_every_caption_once(tmp_path, image_dir):
+    from mmrl.data import ImageTextRecord
+    from mmrl.data.caption_index import shard_captions
+
+    images = sorted(image_dir.glob("*.png"))[:3]
+    records = [ImageTextRecord(str(images[0]), ["a red square", "red", "a square"], "t"),
+               ImageTextRecord(str(images[1]), ["a blue circle", "red"], "t"),
+               ImageTextRecord(str(images[2]), ["a red square"], "t")]
+    build_shards(records, tmp_path / "a", shard_size=2, progress=False)
+    build_shards(records[1:], tmp_path / "b", shard_size=2, progress=False)
+    train = f"{tmp_path / 'a'}::{tmp_path / 'b'}"
+    multi = shard_captions(train, multi_caption=True, max_samples=100)
+    assert sorted(multi) == sorted({"a red square", "red", "a square", "a blue circle"}) and len(multi) == 4
+    assert sorted(shard_captions(train, multi_caption=False, max_samples=100)) == ["a blue circle", "a red square"]
+    assert shard_captions(train, multi_caption=True, max_samples=4) is None  # 5 samples: too many to read first
+    (tmp_path / "b" / "sizes.json").unlink()
+    assert shard_captions(train, multi_caption=True, max_samples=100) is None  # unsized: not read up front

@@ -71,6 +71,27 @@ class CachedHFTextEncoder(nn.Module):
             self._cache.popitem(last=False)
         return torch.stack([self._cache[k] for k in keys]).to(tokens.device)
 
+    def warm(self, tokens: torch.Tensor, batch_size: int = 256, progress: bool = False) -> int:
+        """Compute and cache the pooled features of every row of ``tokens`` ``[N, ctx]`` that is
+        not cached yet, in batches of ``batch_size`` rows of similar length (little padding to
+        run). Returns how many were computed. Counts as neither hits nor misses."""
+        keys = {row.tobytes(): i for i, row in enumerate(tokens.detach().cpu().numpy())}
+        todo = [i for k, i in keys.items() if k not in self._cache]
+        if len(self._cache) + len(todo) > self.max_entries:
+            todo = todo[: max(0, self.max_entries - len(self._cache))]  # never evict to warm
+        lengths = (tokens[todo] != self.config.pad_token_id).sum(dim=1).tolist() if todo else []
+        order = [i for _, i in sorted(zip(lengths, todo))]
+        hits, misses = self.hits, self.misses
+        chunks = range(0, len(order), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="text features", unit="batch", mininterval=1.0)
+        for start in chunks:
+            self.pooled(tokens[order[start:start + batch_size]])
+        self.hits, self.misses = hits, misses
+        return len(order)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.proj(self.pooled(tokens).to(self.proj_dtype()))
 

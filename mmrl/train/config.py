@@ -37,6 +37,8 @@ class TrainConfig:
     final_ln_after_pool: bool = False
     lock_text: bool = False
     cache_text: bool = False             # with lock_text and an HF text tower: pooled text features computed once
+    warm_text_cache: bool = True         # with cache_text: compute every caption of small local shards up
+                                         # front, in large batches (mmrl.data.caption_index)
     # data
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)  # train-time augmentation (mmrl.data.augment)

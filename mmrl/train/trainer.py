@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -92,6 +93,7 @@ class _Trainer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked loader workers
         self.loader = make_train_loader(_loader_config(cfg), self.preprocess, self.tokenizer,
                                         rank=info.rank, world_size=info.world_size)
+        self.text_warm = self._warm_text_cache() if cfg.cache_text and cfg.warm_text_cache else None
         steps_per_epoch = self.loader.num_batches // cfg.grad_accum
         if steps_per_epoch < 1:
             raise ValueError(f"an epoch has {self.loader.num_batches} batches per rank, fewer than grad_accum={cfg.grad_accum}")
@@ -124,6 +126,21 @@ class _Trainer:
                 self.loader.skipped[reason] = n
         self.resumed_from = f"{root}/{tag}" if tag else None
         self.pooler_p = getattr(self.module.model.visual.pooler, "p", None)
+
+    def _warm_text_cache(self) -> Dict[str, float]:
+        """Cached text features of every caption the shards can yield, computed before training
+        (and before DeepSpeed partitions anything) in large batches rather than a few per step."""
+        from ..data.caption_index import shard_captions
+
+        start = time.time()
+        captions = shard_captions(self.cfg.data.train, self.cfg.data.multi_caption, self.model.text.max_entries)
+        if captions is None:
+            if self.info.is_main:
+                print("mmrl train: text cache fills while training (shards remote, unsized or too many to read first)",
+                      file=sys.stderr, flush=True)
+            return {"captions": 0, "computed": 0, "seconds": round(time.time() - start, 1)}
+        computed = self.model.text.warm(self.tokenizer(captions), progress=self.info.is_main)
+        return {"captions": len(captions), "computed": computed, "seconds": round(time.time() - start, 1)}
 
     # ------------------------------------------------------------------------------------
     def micro_batches(self):
@@ -217,7 +234,7 @@ class _Trainer:
         summary = {"step": self.step, "total_steps": self.total_steps, "stopped_early": stopped,
                    "final_loss": last_loss, "skipped_samples": self.loader.num_skipped,
                    "skipped": dict(self.loader.skipped), "nonfinite_steps": self.state["nonfinite_steps"],
-                   "model_dir": str(model_dir) if model_dir else None}
+                   "model_dir": str(model_dir) if model_dir else None, "text_cache_warm": self.text_warm}
         if info.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
