@@ -18,7 +18,7 @@ from mmrl.demo.report import SECTIONS
 from mmrl.demo.study import Stat, separated, verdict_sentences
 
 REPO = Path(__file__).resolve().parents[1]
-LIMIT_ARGS = "prepare_limits={" + ", ".join(f"{k}: {LIMITS[k]}" for k in ("emoji", "tuxpaint", "fashion-mnist")) + "}"
+LIMIT_ARGS = "prepare_limits={" + ", ".join(f"{k}: {LIMITS[k]}" for k in ("emoji", "tuxpaint", "fashion-mnist", "glyphs")) + "}"
 CI_TRAIN = ["train.max_steps=3", "train.batch_size=16", "train.warmup_steps=1", "train.save_every=2",
             "train.log_every=1", "train.workers=0", "eval_batch_size=64", "eval_workers=0", "check_floor=false"]
 
@@ -32,13 +32,18 @@ def _finite_metrics(path: Path) -> dict:
     return metrics
 
 
+def tcfg_model(out: Path) -> str:
+    """The model name of the demo's training run in ``out``."""
+    return yaml.safe_load((out / "train" / "config.yaml").read_text())["model"]
+
+
 def _demo_args(corpora: Path, out: Path) -> list:
     return ["demo", str(REPO / "configs" / "demo.yaml"), f"root={corpora}", f"out={out}",
             f"suite={REPO / 'eval' / 'suites' / 'demo.yaml'}", LIMIT_ARGS, *CI_TRAIN]
 
 
 @needs_apt
-def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, capsys):
+def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, glyphs, capsys):
     out = tmp_path / "demo"
     assert main(_demo_args(corpora, out)) == 0
     report = (out / "report.md").read_text()
@@ -91,6 +96,15 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     assert "batches of `concept` groups of 2 sharing their augmentation" in report
     # the recipe's concept pairs reached the loss: its image-image term saw positives
     assert all(r["image_loss"] > 0 and r["clip_loss"] > 0 for r in log if "loss" in r)
+    # both training corpora were read, and the text cache held all their captions before step 1
+    from mmrl.data.caption_index import shard_captions
+    from mmrl.demo.steps import train_shards
+
+    captions = shard_captions(train_shards(corpora, ["emoji", "glyphs"]), multi_caption=True, max_samples=10 ** 6)
+    assert any(c.startswith("the letter ") for c in captions) and any("emoji" in c for c in captions)
+    warm = json.loads((out / "train" / "summary.json").read_text())["text_cache_warm"]
+    distinct_tokens = {tuple(row) for row in mmrl.get_tokenizer(tcfg_model(out))(captions).tolist()}
+    assert warm["captions"] == len(captions) and warm["computed"] == len(distinct_tokens)  # uncased: Q, q alike
 
     # second run: the finished training run and evaluations are reused, the report rewritten
     weights = out / "train" / "model" / "open_clip_model.safetensors"
@@ -102,17 +116,18 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     assert printed.count("eval ") and "reusing" in printed
     assert weights.stat().st_mtime_ns == stamp
     # a changed recipe is not mistaken for the finished run
-    from mmrl.demo.steps import finished_run
+    from mmrl.demo.steps import finished_run, train_shards
 
     cfg = load_config(DemoConfig, REPO / "configs" / "demo.yaml",
                       [f"root={corpora}", f"out={out}", LIMIT_ARGS, *CI_TRAIN])
-    tcfg = cfg.train_config(str(corpora / "emoji" / "train"), out / "train")
-    assert finished_run(tcfg) is not None
-    assert finished_run(cfg.train_config(str(corpora / "emoji" / "train"), out / "train", {"lr": 1e-4})) is None
+    shards = train_shards(corpora, cfg.train_corpora)
+    assert shards == f"{corpora / 'emoji' / 'train'}::{corpora / 'glyphs' / 'train'}"
+    assert finished_run(cfg.train_config(shards, out / "train")) is not None
+    assert finished_run(cfg.train_config(shards, out / "train", {"lr": 1e-4})) is None
 
 
 @needs_apt
-def test_study_table_plot_and_verdict(tmp_path, corpora, emoji, tuxpaint, fashion):
+def test_study_table_plot_and_verdict(tmp_path, corpora, emoji, tuxpaint, fashion, glyphs):
     out = tmp_path / "study"
     args = ["demo", "--study"] + _demo_args(corpora, tmp_path / "demo")[1:] + [
         f"study.out={out}", "study.pools=[avg, ggem]", "study.seeds=[0, 1]", "study.only=emoji-noto",
@@ -178,6 +193,11 @@ def test_demo_config_errors(tmp_path):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["study.recipe=latest"])
     with pytest.raises(ConfigError, match="train_corpora"):
         load_config(DemoConfig, None, ["corpora=[emoji]", "train_corpora=[openclipart]"])
+    # per-corpus sampling weights: one per training corpus
+    two = load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.data.weights=3::1"])
+    assert two.train_config("a::b", "out").data.weights == "3::1"
+    with pytest.raises(ConfigError, match="train.data.weights"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.data.weights=1::2::3"])
     with pytest.raises(ConfigError, match="train.aug.invert"):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.aug.invert=2"])
 

@@ -48,8 +48,8 @@ class StudyConfig:
 class DemoConfig:
     root: str = "data"                       # prepared corpora (mmrl prepare NAME --root ROOT)
     out: str = "runs/demo"                   # the run: train/, eval/, plots/, report.md
-    corpora: List[str] = field(default_factory=lambda: ["emoji", "tuxpaint", "fashion-mnist"])
-    train_corpora: List[str] = field(default_factory=lambda: ["emoji"])  # whose train/ shards are trained on
+    corpora: List[str] = field(default_factory=lambda: ["emoji", "tuxpaint", "fashion-mnist", "glyphs"])
+    train_corpora: List[str] = field(default_factory=lambda: ["emoji", "glyphs"])  # whose train/ shards are trained on
     prepare_limit: Optional[int] = None      # cap source items per corpus (CI-sized demo); None: all
     prepare_limits: Dict[str, int] = field(default_factory=dict)  # per-corpus caps (override prepare_limit)
     train: Dict[str, Any] = field(default_factory=dict)  # TrainConfig keys (data.train, output_dir filled in)
@@ -90,7 +90,8 @@ class DemoConfig:
         for key in ("output_dir", "resume"):
             if key in self.train:
                 raise ConfigError(f"config key 'train.{key}': set by the demo (the run lives in 'out')")
-        self.train_config("/nonexistent/shards", "/nonexistent/out")  # the recipe's keys are checked now
+        # the recipe's keys are checked now, with one placeholder source per training corpus
+        self.train_config("::".join(f"/nonexistent/{c}/train" for c in self.train_corpora), "/nonexistent/out")
 
     def limit_for(self, corpus: str) -> Optional[int]:
         return self.prepare_limits.get(corpus, self.prepare_limit)
