@@ -32,7 +32,7 @@ def _finite_metrics(path: Path) -> dict:
     return metrics
 
 
-def tcfg_model(out: Path) -> str:
+def _trained_model_name(out: Path) -> str:
     """The model name of the demo's training run in ``out``."""
     return yaml.safe_load((out / "train" / "config.yaml").read_text())["model"]
 
@@ -103,7 +103,7 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     captions = shard_captions(train_shards(corpora, ["emoji", "glyphs"]), multi_caption=True, max_samples=10 ** 6)
     assert any(c.startswith("the letter ") for c in captions) and any("emoji" in c for c in captions)
     warm = json.loads((out / "train" / "summary.json").read_text())["text_cache_warm"]
-    distinct_tokens = {tuple(row) for row in mmrl.get_tokenizer(tcfg_model(out))(captions).tolist()}
+    distinct_tokens = {tuple(row) for row in mmrl.get_tokenizer(_trained_model_name(out))(captions).tolist()}
     assert warm["captions"] == len(captions) and warm["computed"] == len(distinct_tokens)  # uncased: Q, q alike
 
     # second run: the finished training run and evaluations are reused, the report rewritten

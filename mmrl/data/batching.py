@@ -55,7 +55,8 @@ from .augment import RandomLowResolution
 from .images import to_rgb
 from .wds_stages import StreamStats, derive_seed, group_id, sample_group, sample_json
 
-__all__ = ["IMAGE_KEYS", "ImagePlan", "plan_transform", "inception_crop_box", "decode_image", "sample_caption", "BatchBuilder"]
+__all__ = ["IMAGE_KEYS", "ImagePlan", "plan_transform", "inception_crop_box", "decode_image", "json_captions",
+           "sample_caption", "BatchBuilder"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _MAX_DRAFT_UPSCALE = 1.1  # a draft-decoded crop may be enlarged by at most 10 %
@@ -75,14 +76,20 @@ def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
     return to_rgb(img)
 
 
+def json_captions(sample: dict) -> List[str]:
+    """The non-blank strings of a raw sample's json ``captions`` list (``[]`` without one)."""
+    captions = sample_json(sample).get("captions")
+    if not isinstance(captions, list):
+        return []
+    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+
+
 def sample_caption(sample: dict, rng: Optional[random.Random] = None, multi_caption: bool = False) -> Optional[str]:
     """The caption of a raw sample, or None when it has none (missing or blank)."""
     if multi_caption:
-        captions = sample_json(sample).get("captions")
-        if isinstance(captions, list):
-            captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-            if captions:
-                return (rng or random).choice(captions)
+        captions = json_captions(sample)
+        if captions:
+            return (rng or random).choice(captions)
     text = sample.get("txt")
     if text is None:
         return None

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .batching import sample_caption
+from .batching import json_captions, sample_caption
 from .loader import parse_sources
-from .wds_stages import StreamStats, sample_json, stream_samples
+from .wds_stages import StreamStats, stream_samples
 
 __all__ = ["shard_captions"]
 
@@ -33,11 +33,7 @@ def shard_captions(train: str, multi_caption: bool, max_samples: int) -> Optiona
     seen = {}
     for source in sources:
         for sample in stream_samples(source.shards, stats):
-            options = []
-            if multi_caption:
-                captions = sample_json(sample).get("captions")
-                if isinstance(captions, list):
-                    options = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+            options = json_captions(sample) if multi_caption else []
             if not options:
                 text = sample_caption(sample)
                 options = [text] if text else []
