@@ -46,6 +46,23 @@ def test_which_stems_see_the_rest_of_the_batch(norm, independent):
     assert torch.allclose(stem(x), alone, atol=1e-5) == independent
 
 
+@pytest.mark.parametrize("norm", ["groupnorm", "batchnorm"])
+def test_channels_last_layout_computes_the_same_stem(norm):
+    """The NHWC fast path is a memory layout, not a different function (values and gradients)."""
+    torch.manual_seed(0)
+    fast = ConvStem(16, 32, [8, 16, 32, 64], norm).train()
+    plain = ConvStem(16, 32, [8, 16, 32, 64], norm, channels_last=False).train()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 3, 64, 64)
+    a, b = fast(x), plain(x)
+    assert a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("args,match", [
     ((12, 24, [4, 8]), "power of two"),
     ((1, 24, []), "power of two"),

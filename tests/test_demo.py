@@ -106,6 +106,12 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     distinct_tokens = {tuple(row) for row in mmrl.get_tokenizer(_trained_model_name(out))(captions).tolist()}
     assert warm["captions"] == len(captions) and warm["computed"] == len(distinct_tokens)  # uncased: Q, q alike
 
+    # the baselines were evaluated in a second process while the model trained with one CPU thread
+    assert {"evaluate untrained (alongside training)", "evaluate raw-pixels (alongside training)"} <= set(demo["timings"])
+    assert "evaluate trained" in demo["timings"] and "evaluate untrained" not in demo["timings"]
+    assert "[baselines] eval untrained:" in (out / "logs" / "baselines.log").read_text()
+    assert json.loads((out / "train" / "summary.json").read_text())["cpu_threads"] == 1
+
     # second run: the finished training run and evaluations are reused, the report rewritten
     weights = out / "train" / "model" / "open_clip_model.safetensors"
     stamp = weights.stat().st_mtime_ns
@@ -114,6 +120,7 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     printed = capsys.readouterr().out
     assert "train: reusing the finished run" in printed
     assert printed.count("eval ") and "reusing" in printed
+    assert "in a second process" not in printed  # nothing left for it to do
     assert weights.stat().st_mtime_ns == stamp
     # a changed recipe is not mistaken for the finished run
     from mmrl.demo.steps import finished_run, train_shards
@@ -200,6 +207,33 @@ def test_demo_config_errors(tmp_path):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.data.weights=1::2::3"])
     with pytest.raises(ConfigError, match="train.aug.invert"):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train.aug.invert=2"])
+    with pytest.raises(ConfigError, match="'train_threads': expected an integer >= 1 or null"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train_threads=0"])
+    assert load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["baseline_threads=null"]).baseline_threads is None
+
+
+def test_thread_env_limits_a_childs_cpu_threads():
+    from mmrl.demo.steps import thread_env
+
+    env = thread_env(1)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1" and env["TOKENIZERS_PARALLELISM"] == "false"
+    import os
+
+    assert thread_env(None).get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+
+
+def test_a_failing_baseline_job_names_its_log(tmp_path):
+    """The second process's error surfaces in the parent, pointing at the log that holds it."""
+    from mmrl.demo.steps import BaselineJob
+
+    said = []
+    job = BaselineJob({"untrained": str(tmp_path / "no-such-model")}, REPO / "eval" / "suites" / "demo.yaml", tmp_path,
+                      tmp_path / "eval", only=None, batch_size=8, workers=0, force=False, threads=1,
+                      log_path=tmp_path / "logs" / "baselines.log", log=said.append)
+    with pytest.raises(RuntimeError, match=re.escape(str(tmp_path / "logs" / "baselines.log"))):
+        job.wait(said.append)
+    assert "expected a saved model folder or raw-pixels:N" in (tmp_path / "logs" / "baselines.log").read_text()
+    assert any("in a second process" in m for m in said)
 
 
 def test_floor_checks_compare_with_the_best_baseline():

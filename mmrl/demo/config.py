@@ -59,6 +59,9 @@ class DemoConfig:
     raw_pixel_size: int = 32
     eval_batch_size: int = 128
     eval_workers: int = 1
+    baselines_alongside_training: bool = True  # evaluate the baselines in a second process while the model trains
+    train_threads: Optional[int] = 1         # intra-op CPU threads of `mmrl train` (null: torch's default)
+    baseline_threads: Optional[int] = 1      # ... and of the baselines' process when it runs alongside
     floor_margin: float = 0.05               # quality floor: trained - best baseline >= this (fraction)
     check_floor: bool = True                 # exit non-zero when the quality floor is not met
     study: StudyConfig = field(default_factory=StudyConfig)
@@ -85,6 +88,10 @@ class DemoConfig:
         for key in ("raw_pixel_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r}: expected an integer >= 1, got {getattr(self, key)!r}")
+        for key in ("train_threads", "baseline_threads"):
+            n = getattr(self, key)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise ConfigError(f"config key {key!r}: expected an integer >= 1 or null, got {n!r}")
         if self.eval_workers < 0:
             raise ConfigError(f"config key 'eval_workers': expected an integer >= 0, got {self.eval_workers!r}")
         for key in ("output_dir", "resume"):

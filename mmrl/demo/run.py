@@ -14,7 +14,7 @@ from .floor import floor_checks
 from .plots import plot_loss, plot_pooling_p, plot_recalls, read_log
 from .report import render_report
 from .results import recall_curves
-from .steps import build_untrained, evaluate, prepare_corpora, run_training, train_shards
+from .steps import BaselineJob, build_untrained, evaluate, evaluation_done, prepare_corpora, run_training, train_shards
 
 __all__ = ["run_demo", "DemoOutcome"]
 
@@ -38,21 +38,41 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     timings["prepare corpora"] = time.perf_counter() - t0
 
     tcfg = cfg.train_config(train_shards(root, cfg.train_corpora), out / "train")
-    t0 = time.perf_counter()
-    summary, reused_run = run_training(tcfg, force, log)
-    timings["train (reused)" if reused_run else "train"] = time.perf_counter() - t0
-
-    models = {"trained": str(out / "train" / "model")}
+    baselines = {}
     if "untrained" in cfg.baselines:
-        models["untrained"] = str(build_untrained(tcfg, out / "untrained", log))
+        baselines["untrained"] = str(build_untrained(tcfg, out / "untrained", log))
     if "raw-pixels" in cfg.baselines:
-        models["raw-pixels"] = f"raw-pixels:{cfg.raw_pixel_size}"
+        baselines["raw-pixels"] = f"raw-pixels:{cfg.raw_pixel_size}"
+    eval_args = dict(only=cfg.only, batch_size=cfg.eval_batch_size, workers=cfg.eval_workers)
+    job = None
+    pending = {k: v for k, v in baselines.items()
+               if force or not evaluation_done(v, Path(cfg.suite), root, out / "eval" / k, only=cfg.only)}
+    if cfg.baselines_alongside_training and pending:
+        job = BaselineJob(pending, Path(cfg.suite), root, out / "eval", force=force, threads=cfg.baseline_threads,
+                          log_path=out / "logs" / "baselines.log", log=log, **eval_args)
+    t0 = time.perf_counter()
+    try:
+        summary, reused_run = run_training(tcfg, force, log, threads=cfg.train_threads)
+    except BaseException:
+        if job is not None:
+            job.stop()
+        raise
+    timings["train (reused)" if reused_run else "train"] = time.perf_counter() - t0
+    if job is not None:
+        t0 = time.perf_counter()
+        for label, seconds in job.wait(log).items():
+            timings[f"evaluate {label} (alongside training)"] = seconds
+        timings["wait for the baselines"] = time.perf_counter() - t0
+
+    models = {"trained": str(out / "train" / "model"), **baselines}
     entries = {}
     for label, spec in models.items():
         t0 = time.perf_counter()
-        entries[label], _ = evaluate(spec, Path(cfg.suite), root, out / "eval" / label, only=cfg.only,
-                                  batch_size=cfg.eval_batch_size, workers=cfg.eval_workers, log=log, force=force)
-        timings[f"evaluate {label}"] = time.perf_counter() - t0
+        done_alongside = job is not None and label in pending
+        entries[label], _ = evaluate(spec, Path(cfg.suite), root, out / "eval" / label, log=log,
+                                     force=force and not done_alongside, **eval_args)
+        if not done_alongside:
+            timings[f"evaluate {label}"] = time.perf_counter() - t0
 
     checks = floor_checks(entries["trained"], {k: v for k, v in entries.items() if k != "trained"}, cfg.floor_margin)
     records = read_log(out / "train" / "log.jsonl") if (out / "train" / "log.jsonl").is_file() else []

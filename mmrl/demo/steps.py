@@ -1,6 +1,7 @@
 """The demo's steps, each reusable on its own and each skipping work that is already done:
 prepare the corpora, train (``mmrl train`` in a child process), build the untrained baseline,
-evaluate a model with the suite.
+evaluate a model with the suite -- the baselines optionally in a second process while the model
+trains (:class:`BaselineJob`; they do not depend on it).
 
 "Done" is decided from what is on disk, never from timestamps: a training run is finished when
 its ``summary.json`` reports every step and its saved ``config.yaml`` equals the config asked
@@ -26,7 +27,7 @@ from ..fileio import atomic_write_text
 from .results import EntryMetrics, read_suite
 
 __all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "build_untrained", "evaluate",
-           "file_digest"]
+           "evaluation_done", "file_digest", "BaselineJob", "thread_env"]
 
 Log = Callable[[str], None]
 
@@ -85,10 +86,19 @@ def finished_run(cfg) -> Optional[dict]:
     return summary
 
 
-def run_training(cfg, force: bool, log: Log) -> Tuple[dict, bool]:
-    """Train ``cfg`` with ``python -m mmrl train`` (DeepSpeed engine) unless a finished run of
-    the same config is there; ``force`` starts over. Returns the run's summary and whether it
-    was reused (nothing trained now)."""
+def thread_env(threads: Optional[int]) -> Dict[str, str]:
+    """The environment of a child process limited to ``threads`` intra-op CPU threads (None: as is)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def run_training(cfg, force: bool, log: Log, threads: Optional[int] = None) -> Tuple[dict, bool]:
+    """Train ``cfg`` with ``python -m mmrl train`` (DeepSpeed engine; ``threads`` intra-op CPU
+    threads, None: torch's default) unless a finished run of the same config is there;
+    ``force`` starts over. Returns the run's summary and whether it was reused (nothing
+    trained now)."""
     out = Path(cfg.output_dir)
     if force and out.exists():
         log(f"train: --force: removing {out}")
@@ -107,9 +117,9 @@ def run_training(cfg, force: bool, log: Log) -> Tuple[dict, bool]:
     recipe = out.parent / f"{out.name}.yaml"
     save_config(cfg, recipe)
     cmd = [sys.executable, "-m", "mmrl", "train", str(recipe)]
-    log("train: " + " ".join(["mmrl", "train", str(recipe)]))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, env=env)
+    log("train: " + " ".join(["mmrl", "train", str(recipe)]) + (f" ({threads} CPU thread{'s' * (threads > 1)})"
+                                                                  if threads else ""))
+    proc = subprocess.run(cmd, env=thread_env(threads))
     if proc.returncode != 0:
         raise RuntimeError(f"mmrl train {recipe} failed with exit status {proc.returncode} (its log is above)")
     summary = finished_run(cfg)
@@ -149,33 +159,112 @@ def build_untrained(cfg, dest: Path, log: Log) -> Path:
 
 
 def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Optional[str], batch_size: int,
-             workers: int, log: Log, force: bool = False,
-             exclude: Sequence[str] = ()) -> Tuple[List[EntryMetrics], bool]:
+             workers: int, log: Log, force: bool = False, exclude: Sequence[str] = (),
+             progress: bool = True) -> Tuple[List[EntryMetrics], bool]:
     """Run the suite for one model (a saved folder or ``raw-pixels:N``) into ``out_dir``,
     unless the same weights were already evaluated with the same suite and filter. Returns the
     entries and whether they were reused (nothing evaluated now)."""
     from ..evaluation.context import RunOptions, default_device, load_eval_model
-    from ..evaluation.raw_pixels import parse_raw_pixels
     from ..evaluation.suite import load_suite, run_suite
 
-    if not Path(spec).is_dir() and parse_raw_pixels(spec) is None:
-        raise ValueError(f"{spec}: expected a saved model folder or raw-pixels:N")
-
-    weights = Path(spec) / "open_clip_model.safetensors"
-    want = {"model": spec, "weights_sha256": file_digest(weights) if weights.is_file() else None,
-            "suite_sha256": file_digest(suite_path), "root": str(root.resolve()), "only": only,
-            "exclude": list(exclude)}
-    stamp = out_dir / ".mmrl" / "evaluated.json"  # not beside the result files: `mmrl eval table` reads those
-    summary = next(iter(sorted(out_dir.glob("suite_*.json"))), None) if out_dir.is_dir() else None
-    if not force and summary and stamp.is_file() and json.loads(stamp.read_text()) == want:
+    if not force and evaluation_done(spec, suite_path, root, out_dir, only=only, exclude=exclude):
         log(f"eval {spec}: reusing {out_dir}")
-        return read_suite(summary), True
+        return read_suite(next(iter(sorted(out_dir.glob("suite_*.json"))))), True
+    want = _eval_stamp(spec, suite_path, root, only, exclude)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     device = default_device()
     em = load_eval_model(spec, device=device)
-    opts = RunOptions(device=device, batch_size=batch_size, num_workers=workers, out_dir=out_dir)
+    opts = RunOptions(device=device, batch_size=batch_size, num_workers=workers, out_dir=out_dir, progress=progress)
     suite = load_suite(suite_path, root=root)
     run_suite(em, opts, suite, only=only, exclude=exclude, log=lambda m: log(f"eval {out_dir.name}: {m}"))
-    atomic_write_text(stamp, json.dumps(want, indent=1) + "\n")
+    atomic_write_text(out_dir / _STAMP, json.dumps(want, indent=1) + "\n")
     return read_suite(out_dir / f"suite_{suite.name}.json"), False
+
+
+_STAMP = Path(".mmrl") / "evaluated.json"  # not beside the result files: `mmrl eval table` reads those
+
+
+def _eval_stamp(spec: str, suite_path: Path, root: Path, only: Optional[str], exclude: Sequence[str]) -> dict:
+    from ..evaluation.raw_pixels import parse_raw_pixels
+
+    if not Path(spec).is_dir() and parse_raw_pixels(spec) is None:
+        raise ValueError(f"{spec}: expected a saved model folder or raw-pixels:N")
+    weights = Path(spec) / "open_clip_model.safetensors"
+    return {"model": spec, "weights_sha256": file_digest(weights) if weights.is_file() else None,
+            "suite_sha256": file_digest(suite_path), "root": str(root.resolve()), "only": only,
+            "exclude": list(exclude)}
+
+
+def evaluation_done(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Optional[str],
+                    exclude: Sequence[str] = ()) -> bool:
+    """Whether ``out_dir`` holds the suite's results for these weights, suite file and filter."""
+    stamp = out_dir / _STAMP
+    if not (stamp.is_file() and any(out_dir.glob("suite_*.json"))):
+        return False
+    return json.loads(stamp.read_text()) == _eval_stamp(spec, suite_path, root, only, exclude)
+
+
+class BaselineJob:
+    """The baselines' evaluations (:func:`evaluate`, one model after the other) in a child
+    process started now, so that they run while the model trains. The child has ``threads``
+    intra-op CPU threads, shows no progress bars and writes its lines to ``log_path``;
+    :meth:`wait` joins it (an error names the log) and returns ``{label: seconds}``. The
+    results land where :func:`evaluate` puts them, so evaluating the same models afterwards
+    reuses them."""
+
+    def __init__(self, specs: Dict[str, str], suite_path: Path, root: Path, out_eval: Path, *, only: Optional[str],
+                 batch_size: int, workers: int, force: bool, threads: Optional[int], log_path: Path, log: Log):
+        import multiprocessing as mp
+
+        self.log_path, self.timings_path = Path(log_path), Path(log_path).with_suffix(".json")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.timings_path.unlink(missing_ok=True)
+        self.labels = list(specs)
+        args = (dict(specs), str(suite_path), str(root), str(out_eval), only, batch_size, workers, force, threads,
+                str(self.log_path), str(self.timings_path))
+        self.process = mp.get_context("spawn").Process(target=_baseline_job_main, args=args, name="mmrl-baselines")
+        self.start = time.perf_counter()
+        self.process.start()
+        log(f"baselines: evaluating {', '.join(self.labels)} in a second process while the model trains"
+            f"{f' ({threads} CPU thread' + 's' * (threads > 1) + ')' if threads else ''}; its log: {self.log_path}")
+
+    def wait(self, log: Log) -> Dict[str, float]:
+        if self.process.is_alive():
+            log("baselines: waiting for the second process")
+        self.process.join()
+        if self.process.exitcode != 0:
+            raise RuntimeError(f"the baseline evaluations failed (exit status {self.process.exitcode}); "
+                               f"see {self.log_path}")
+        timings = json.loads(self.timings_path.read_text(encoding="utf-8"))
+        log(f"baselines: done ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; "
+            f"{time.perf_counter() - self.start:.0f} s after they started)")
+        return timings
+
+    def stop(self) -> None:
+        """Terminate the child (training failed or was interrupted)."""
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join()
+
+
+def _baseline_job_main(specs, suite_path, root, out_eval, only, batch_size, workers, force, threads, log_path,
+                       timings_path) -> None:
+    """The child of :class:`BaselineJob`: stdout and stderr (its data workers' too) go to ``log_path``."""
+    with open(log_path, "w", encoding="utf-8") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    timings = {}
+    for label, spec in specs.items():
+        t0 = time.perf_counter()
+        evaluate(spec, Path(suite_path), Path(root), Path(out_eval) / label, only=only, batch_size=batch_size,
+                 workers=workers, log=lambda m: print(f"[baselines] {m}", flush=True), force=force, progress=False)
+        timings[label] = time.perf_counter() - t0
+    atomic_write_text(Path(timings_path), json.dumps(timings, indent=1) + "\n")

@@ -9,12 +9,18 @@ The stem maps ``(B, 3, H, W)`` to ``(B, width, H / patch, W / patch)`` -- the sa
 as the patchify convolution it replaces -- so the tower's positional embedding, class token
 and pooling are unchanged. ``patch_size`` must be a power of two: one stride-2 stage per
 halving, ``len(channels) == log2(patch_size)``.
+
+The stem computes in channels-last memory layout (``channels_last=True``, the default): the
+same numbers, faster -- oneDNN's CPU convolutions and cuDNN's tensor-core kernels both prefer
+NHWC. Measured on the 2-core development machine, the demo tower's forward and backward pass
+(batch 64, 2 threads) took 0.10-0.14 s instead of 0.12-0.17 s (three alternating runs each).
 """
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
+import torch
 from torch import nn
 
 __all__ = ["ConvStem", "STEM_NORMS"]
@@ -36,8 +42,9 @@ class ConvStem(nn.Module):
     """
 
     def __init__(self, patch_size: int, width: int, channels: Sequence[int], norm: str = "batchnorm",
-                 in_chans: int = 3):
+                 in_chans: int = 3, channels_last: bool = True):
         super().__init__()
+        self.channels_last = bool(channels_last)
         stages = math.log2(patch_size) if patch_size > 0 else -1
         if stages < 1 or stages != int(stages):
             raise ValueError(f"conv_stem: patch_size must be a power of two >= 2, got {patch_size}")
@@ -59,4 +66,6 @@ class ConvStem(nn.Module):
         self.proj = nn.Conv2d(cin, width, 1)
 
     def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.proj(self.stages(x))

@@ -234,7 +234,8 @@ class _Trainer:
         summary = {"step": self.step, "total_steps": self.total_steps, "stopped_early": stopped,
                    "final_loss": last_loss, "skipped_samples": self.loader.num_skipped,
                    "skipped": dict(self.loader.skipped), "nonfinite_steps": self.state["nonfinite_steps"],
-                   "model_dir": str(model_dir) if model_dir else None, "text_cache_warm": self.text_warm}
+                   "model_dir": str(model_dir) if model_dir else None, "text_cache_warm": self.text_warm,
+                   "cpu_threads": torch.get_num_threads()}
         if info.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
