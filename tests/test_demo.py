@@ -39,7 +39,7 @@ def _trained_model_name(out: Path) -> str:
 
 def _demo_args(corpora: Path, out: Path) -> list:
     return ["demo", str(REPO / "configs" / "demo.yaml"), f"root={corpora}", f"out={out}",
-            f"suite={REPO / 'eval' / 'suites' / 'demo.yaml'}", LIMIT_ARGS, *CI_TRAIN]
+            f"suite={REPO / 'eval' / 'suites' / 'demo.yaml'}", LIMIT_ARGS, *CI_TRAIN, "baselines_alongside_training=true"]
 
 
 @needs_apt

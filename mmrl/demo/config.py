@@ -59,7 +59,7 @@ class DemoConfig:
     raw_pixel_size: int = 32
     eval_batch_size: int = 128
     eval_workers: int = 1
-    baselines_alongside_training: bool = True  # evaluate the baselines in a second process while the model trains
+    baselines_alongside_training: bool = False  # evaluate the baselines in a second process while the model trains
     train_threads: Optional[int] = 1         # intra-op CPU threads of `mmrl train` (null: torch's default)
     baseline_threads: Optional[int] = 1      # ... and of the baselines' process when it runs alongside
     floor_margin: float = 0.05               # quality floor: trained - best baseline >= this (fraction)
