@@ -44,10 +44,11 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     if "raw-pixels" in cfg.baselines:
         baselines["raw-pixels"] = f"raw-pixels:{cfg.raw_pixel_size}"
     eval_args = dict(only=cfg.only, batch_size=cfg.eval_batch_size, workers=cfg.eval_workers)
-    job = None
-    pending = {k: v for k, v in baselines.items()
-               if force or not evaluation_done(v, Path(cfg.suite), root, out / "eval" / k, only=cfg.only)}
-    if cfg.baselines_alongside_training and pending:
+    job, pending = None, {}
+    if cfg.baselines_alongside_training:  # only what is not evaluated yet (everything with --force)
+        pending = {k: v for k, v in baselines.items()
+                   if force or not evaluation_done(v, Path(cfg.suite), root, out / "eval" / k, only=cfg.only)}
+    if pending:
         job = BaselineJob(pending, Path(cfg.suite), root, out / "eval", force=force, threads=cfg.baseline_threads,
                           log_path=out / "logs" / "baselines.log", log=log, **eval_args)
     t0 = time.perf_counter()

@@ -86,6 +86,10 @@ def finished_run(cfg) -> Optional[dict]:
     return summary
 
 
+def _threads_note(threads: Optional[int]) -> str:
+    return f" ({threads} CPU thread{'s' * (threads > 1)})" if threads else ""
+
+
 def thread_env(threads: Optional[int]) -> Dict[str, str]:
     """The environment of a child process limited to ``threads`` intra-op CPU threads (None: as is)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -117,8 +121,7 @@ def run_training(cfg, force: bool, log: Log, threads: Optional[int] = None) -> T
     recipe = out.parent / f"{out.name}.yaml"
     save_config(cfg, recipe)
     cmd = [sys.executable, "-m", "mmrl", "train", str(recipe)]
-    log("train: " + " ".join(["mmrl", "train", str(recipe)]) + (f" ({threads} CPU thread{'s' * (threads > 1)})"
-                                                                  if threads else ""))
+    log("train: " + " ".join(["mmrl", "train", str(recipe)]) + _threads_note(threads))
     proc = subprocess.run(cmd, env=thread_env(threads))
     if proc.returncode != 0:
         raise RuntimeError(f"mmrl train {recipe} failed with exit status {proc.returncode} (its log is above)")
@@ -227,7 +230,7 @@ class BaselineJob:
         self.start = time.perf_counter()
         self.process.start()
         log(f"baselines: evaluating {', '.join(self.labels)} in a second process while the model trains"
-            f"{f' ({threads} CPU thread' + 's' * (threads > 1) + ')' if threads else ''}; its log: {self.log_path}")
+            f"{_threads_note(threads)}; its log: {self.log_path}")
 
     def wait(self, log: Log) -> Dict[str, float]:
         if self.process.is_alive():
