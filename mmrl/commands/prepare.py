@@ -5,8 +5,9 @@ import argparse
 import json
 
 from ..cli import command
+from ..prepare import RECIPES
 
-CORPORA = ("emoji", "tuxpaint", "fashion-mnist", "openclipart", "glyphs")
+CORPORA = tuple(RECIPES)  # the registry's names (importing it loads no recipe module)
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
