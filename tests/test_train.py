@@ -117,10 +117,10 @@ def step_results(tmp_path_factory):
     worker = str(ROOT / "tests" / "helpers" / "train_step_worker.py")
     run(torchrun(1, worker, str(tmp / "batch.pt"), str(tmp), "global:0:1", "accum:0:2", "nan1:0:1:nan",
                  "sig_global:0:1:siglip",
-                 "grp_global:0:1:group", "grp_accum:0:2:group", "stem_global:0:1:stem"))
+                 "grp_global:0:1:group", "grp_accum:0:2:group", "stem_global:0:1:stem", "pstem_global:0:1:pstem"))
     run(torchrun(2, worker, str(tmp / "batch.pt"), str(tmp), "zero2:2:1", "zero3:3:1", "nan2:2:1:nan",
                  "sig_zero2:2:1:siglip",
-                 "grp_zero2:2:1:group", "stem_zero3:3:1:stem"))
+                 "grp_zero2:2:1:group", "stem_zero3:3:1:stem", "pstem_zero3:3:1:pstem"))
     return {p.stem: torch.load(p) for p in tmp.glob("*.pt") if p.stem != "batch"}
 
 
@@ -175,6 +175,25 @@ def test_groupnorm_conv_stem_on_two_ranks_equals_global_batch(step_results):
                                                                                       "norm": "groupnorm"}})
     moved = [k for k, v in start.state_dict().items() if not torch.equal(v, ref["state"][k])]
     assert "visual.conv1.stages.0.weight" in moved and len(moved) > 50  # the stem trained with the rest
+
+
+def test_locked_pretrained_stem_on_two_ranks_equals_global_batch_and_stays_fixed(step_results):
+    """ZeRO-3 partitions the frozen EfficientNet-Lite0 stages too; they (and their BatchNorm
+    statistics) come back unchanged while the 1x1 projection and the transformer train."""
+    from mmrl.layers.pretrained_stem import efficientnet_lite0_state_dict
+
+    ref, two = step_results["pstem_global"], step_results["pstem_zero3"]
+    assert abs(two["loss"] - ref["loss"]) < 1e-5
+    assert_same_update(two["state"], ref["state"])
+    packaged = efficientnet_lite0_state_dict()
+    body = {k: v for k, v in ref["state"].items() if k.startswith("visual.conv1.body.")}
+    assert len(body) > 100 and torch.equal(body["visual.conv1.body.0.weight"], packaged["conv_stem.weight"])
+    assert torch.equal(body["visual.conv1.body.1.running_var"], packaged["bn1.running_var"])
+    torch.manual_seed(0)
+    start = mmrl.create_model("mmrl-vit-tiny-p8-64", "ggem", vision_cfg={
+        "pretrained_stem": {"name": "efficientnet_lite0"}, "patch_size": 16}).state_dict()
+    moved = {k for k, v in start.items() if not torch.equal(v, ref["state"][k])}
+    assert not moved & set(body) and "visual.conv1.proj.weight" in moved and len(moved) > 20
 
 
 @pytest.mark.parametrize("variant", ["nan1", "nan2"])

@@ -48,6 +48,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "pool_kwargs": vc.get("pool_kwargs", {}),
         "final_ln_after_pool": vc.get("final_ln_after_pool", False),
         "conv_stem": vc.get("conv_stem"),
+        "pretrained_stem": vc.get("pretrained_stem"),
         "image_size": model.visual.image_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "logit_scale": float(model.logit_scale.detach().exp()),

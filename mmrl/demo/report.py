@@ -163,10 +163,15 @@ def _image_tower_line(model_name: str) -> str:
     from ..model.factory import get_model_config
 
     vc = get_model_config(model_name)["vision_cfg"]
-    stem = vc.get("conv_stem")
-    stem_text = (f"a conv stem of {len(stem['channels'])} stride-2 3x3 convolutions {stem['channels']} "
-                 f"({stem.get('norm', 'batchnorm')}) then 1x1 to the width" if stem
-                 else f"one {vc['patch_size']}x{vc['patch_size']} patchify convolution")
+    stem, pretrained = vc.get("conv_stem"), vc.get("pretrained_stem")
+    if pretrained:
+        stem_text = (f"the stride-16 stages of an ImageNet-pretrained {pretrained['name']} "
+                     f"({'locked' if pretrained.get('locked', True) else 'trained'}) then 1x1 to the width")
+    elif stem:
+        stem_text = (f"a conv stem of {len(stem['channels'])} stride-2 3x3 convolutions {stem['channels']} "
+                     f"({stem.get('norm', 'batchnorm')}) then 1x1 to the width")
+    else:
+        stem_text = f"one {vc['patch_size']}x{vc['patch_size']} patchify convolution"
     return (f"- image tower: ViT width {vc['width']} x {vc['layers']} blocks, {vc['image_size']} px, "
             f"{(vc['image_size'] // vc['patch_size']) ** 2} tokens of {vc['patch_size']}x{vc['patch_size']} px from {stem_text}")
 

@@ -136,16 +136,20 @@ def create_model_from_config(
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     output_dict: Optional[bool] = None,
-    hf_pretrained: bool = True,
+    pretrained: bool = True,
     name: str = "",
 ) -> torch.nn.Module:
-    """Build an open_clip CLIP / CustomTextCLIP with a pooled ViT tower from a full ``model_cfg``."""
+    """Build an open_clip CLIP / CustomTextCLIP with a pooled ViT tower from a full ``model_cfg``.
+
+    ``pretrained=False`` skips loading the packaged pretrained weights (a Hugging Face text tower's,
+    a ``pretrained_stem``'s): for models whose weights come from a saved file next.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     cfg = copy.deepcopy(model_cfg)
     preprocess_overlay = cfg.pop("preprocess_cfg", None) or {}
     vision_cfg = cfg.pop("vision_cfg")
-    text_cfg = _split_text_cfg(cfg.pop("text_cfg"), hf_pretrained)
+    text_cfg = _split_text_cfg(cfg.pop("text_cfg"), pretrained)
     custom_text = bool(cfg.pop("custom_text", False) or text_cfg.get("hf_model_name"))
     cast_dtype = get_cast_dtype(precision)
     model_class = CustomTextCLIP if custom_text else CLIP
@@ -155,7 +159,8 @@ def create_model_from_config(
         model = model_class(vision_cfg=_PLACEHOLDER_VISION, text_cfg=text_cfg, cast_dtype=cast_dtype, **cfg)
     except TypeError as err:
         raise ValueError(f"model config: {err}") from err
-    model.visual = build_vision_tower(cfg["embed_dim"], vision_cfg, cfg.get("quick_gelu", False), cast_dtype)
+    model.visual = build_vision_tower(cfg["embed_dim"], vision_cfg, cfg.get("quick_gelu", False), cast_dtype,
+                                      stem_weights=pretrained)
     if lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     _to_device_and_precision(model, torch.device(device), precision)

@@ -95,7 +95,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", prec
         lock_text=bool(extra.get("lock_text", False)),
         precision=precision,
         device="cpu",
-        hf_pretrained=False,  # weights come from the file below
+        pretrained=False,  # no pretrained text tower or stem weights: they come from the file below
         name=extra.get("name", ""),
     )
     model.mmrl_cfg["model_cfg"] = config["model_cfg"]

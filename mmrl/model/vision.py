@@ -11,7 +11,10 @@ the patch tokens. The final LayerNorm's position follows open_clip's
 ``vision_cfg.conv_stem`` (``{"channels": [...], "norm": "batchnorm"}``, default none) replaces
 the patchify convolution ``conv1`` by :class:`mmrl.layers.ConvStem` (early convolutions, same
 token grid); the state dict then holds ``visual.conv1.stages.*`` / ``visual.conv1.proj.*``
-instead of ``visual.conv1.weight``. Without it the tower is open_clip's, key for key.
+instead of ``visual.conv1.weight``. ``vision_cfg.pretrained_stem`` (``{"name": "efficientnet_lite0",
+"locked": true}``) replaces it by :class:`mmrl.layers.PretrainedStem` (a hybrid ViT: the stride-16
+stages of an ImageNet EfficientNet-Lite0, keys ``visual.conv1.body.*`` / ``visual.conv1.proj.*``).
+Without either the tower is open_clip's, key for key.
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, VisionTra
 from torch import nn
 
 from ..layers.conv_stem import ConvStem
+from ..layers.pretrained_stem import PretrainedStem
 from ..layers.pools import build_pool, list_pools
 
 __all__ = ["PooledVisionTransformer", "build_vision_tower", "MMRL_VISION_KEYS"]
 
 # keys mmrl adds to open_clip's vision_cfg schema
-MMRL_VISION_KEYS = ("pool_kwargs", "conv_stem")
+MMRL_VISION_KEYS = ("pool_kwargs", "conv_stem", "pretrained_stem")
 _OPEN_CLIP_VISION_KEYS = {f.name for f in fields(CLIPVisionCfg)}
 
 
@@ -49,6 +53,8 @@ class PooledVisionTransformer(VisionTransformer):
         pool_type: str = "ggem",
         pool_kwargs: Optional[Dict[str, Any]] = None,
         conv_stem: Optional[Dict[str, Any]] = None,
+        pretrained_stem: Optional[Dict[str, Any]] = None,
+        stem_weights: bool = True,
         **kwargs,
     ):
         if kwargs.get("attentional_pool"):
@@ -67,6 +73,15 @@ class PooledVisionTransformer(VisionTransformer):
                 raise ValueError(f"vision_cfg.conv_stem: expected keys 'channels' (required) and 'norm', "
                                  f"got {sorted(self.conv_stem)}")
             self.conv1 = ConvStem(patch_size, width, **self.conv_stem)
+        self.pretrained_stem = dict(pretrained_stem) if pretrained_stem else None
+        if self.pretrained_stem is not None:
+            if self.conv_stem is not None:
+                raise ValueError("vision_cfg: set conv_stem or pretrained_stem, not both")
+            unknown = set(self.pretrained_stem) - {"name", "locked"}
+            if unknown:
+                raise ValueError(f"vision_cfg.pretrained_stem: unknown keys {sorted(unknown)} (expected 'name', 'locked')")
+            # stem_weights=False: the weights will come from a saved model (mmrl.load_model)
+            self.conv1 = PretrainedStem(patch_size, width, pretrained=stem_weights, **self.pretrained_stem)
 
     def _global_pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         tokens = x[:, 1:]
@@ -84,6 +99,8 @@ class PooledVisionTransformer(VisionTransformer):
         super().train(mode)
         # a locked (frozen) conv stem is a fixed function: its BatchNorm statistics stop updating too
         stem_frozen = self.conv_stem is not None and not any(p.requires_grad for p in self.conv1.parameters())
+        if isinstance(self.conv1, PretrainedStem):
+            self.conv1.train(mode)  # its pretrained stages keep their statistics while locked
         if mode and stem_frozen:
             for m in self.conv1.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -100,11 +117,13 @@ def build_vision_tower(
     vision_cfg: Dict[str, Any],
     quick_gelu: bool = False,
     cast_dtype: Optional[torch.dtype] = None,
+    stem_weights: bool = True,
 ) -> PooledVisionTransformer:
     """Build the ViT tower exactly as open_clip's ``_build_vision_tower`` would, pooling with mmrl."""
     cfg = dict(vision_cfg)
     pool_kwargs = cfg.pop("pool_kwargs", None) or {}
     conv_stem = cfg.pop("conv_stem", None)
+    pretrained_stem = cfg.pop("pretrained_stem", None)
     unknown = set(cfg) - _OPEN_CLIP_VISION_KEYS
     if unknown:
         raise ValueError(f"vision_cfg: unknown keys {sorted(unknown)}")
@@ -133,6 +152,8 @@ def build_vision_tower(
         pool_type=vc.pool_type,
         pool_kwargs=pool_kwargs,
         conv_stem=conv_stem,
+        pretrained_stem=pretrained_stem,
+        stem_weights=stem_weights,
         output_tokens=vc.output_tokens,
         output_dim=embed_dim,
         act_layer=act_layer,
