@@ -136,7 +136,8 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
     # results
     lines += ["## Results", "",
               "Recall and accuracy in percent. Baselines: *untrained* is the same architecture at initialisation "
-              "(the recipe's seed; a locked pretrained text tower stays pretrained); *raw-pixels* represents an "
+              "(the recipe's seed; its pretrained parts -- a locked text tower, a pretrained stem -- keep their "
+              "pretrained weights); *raw-pixels* represents an "
               f"image by its {cfg.raw_pixel_size}x{cfg.raw_pixel_size} RGB pixels (nearest neighbour for image "
               "retrieval, logistic regression for the linear probe; it has no text side).", ""]
     lines += _results_table(labels, entries)

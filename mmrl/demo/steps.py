@@ -141,7 +141,7 @@ def file_digest(path: Path) -> str:
 
 def build_untrained(cfg, dest: Path, log: Log) -> Path:
     """The recipe's model at step 0 -- created exactly as ``mmrl train`` creates it (same seed,
-    same pretrained text tower when the recipe uses one) -- saved with ``mmrl.save_model``."""
+    same pretrained text tower and stem when the recipe uses them) -- saved with ``mmrl.save_model``."""
     import torch
 
     from ..model import create_model, save_model
