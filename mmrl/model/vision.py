@@ -100,8 +100,6 @@ class PooledVisionTransformer(VisionTransformer):
         super().train(mode)
         # a locked (frozen) conv stem is a fixed function: its BatchNorm statistics stop updating too
         stem_frozen = self.conv_stem is not None and not any(p.requires_grad for p in self.conv1.parameters())
-        if isinstance(self.conv1, PretrainedStem):
-            self.conv1.train(mode)  # its pretrained stages keep their statistics while locked
         if mode and stem_frozen:
             for m in self.conv1.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
