@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers.corpora import LIMITS, needs_apt
@@ -55,13 +56,16 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
         png = out / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"(plots/{name})" in report
-    # every suite entry ran for the trained and untrained models; raw pixels skip text tasks only
+    # every suite entry ran for the trained and untrained models; raw pixels skip text tasks only;
+    # pretrained-init leaves out the tasks of its baseline_exclude (zero-shot, linear probe)
     suite = yaml.safe_load((REPO / "eval" / "suites" / "demo.yaml").read_text())
     expected = {(e["task"], e.get("name")) for e in suite["entries"]}
-    for label in ("trained", "untrained", "raw-pixels"):
+    skipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["baseline_exclude"]["pretrained-init"]
+    assert "zeroshot" in skipped and "retrieval" not in skipped
+    for label in ("trained", "untrained", "pretrained-init", "raw-pixels"):
         summary = json.loads((out / "eval" / label / "suite_demo.json").read_text())
         got = {(e["task"], e["name"]): e for e in summary["entries"]}
-        assert set(got) == expected
+        assert set(got) == ({k for k in expected if k[0] not in skipped} if label == "pretrained-init" else expected)
         for (task, _), e in got.items():
             if label == "raw-pixels" and task in ("retrieval", "zeroshot"):
                 assert e["status"] == "skipped" and "text" in e["message"]
@@ -70,9 +74,15 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
             metrics = _finite_metrics(Path(e["result"]))
             assert Path(e["result"]).parent == out / "eval" / label
             assert metrics == pytest.approx(e["metrics"])
-    # the results table shows trained and both baselines; the floor table has one row per floor set
-    assert "| evaluation set | task | metric | trained | untrained | raw-pixels |" in report
+    # the results table shows trained and the three baselines; the floor table has one row per floor set,
+    # the floor decided by untrained and raw pixels, pretrained-init beside it
+    assert "| evaluation set | task | metric | trained | untrained | pretrained-init | raw-pixels |" in report
+    assert "| trained | best floor baseline | gap | pretrained-init (gap) | verdict |" in report
+    assert re.search(r"Against \*pretrained-init\* \(beside the floor, not part of it\) the trained model is ahead "
+                     r"by at least 5 points on \d+ of \d+ sets", report)
     demo = json.loads((out / "demo.json").read_text())
+    assert all(set(c["baselines"]) <= {"untrained", "raw-pixels"} for c in demo["checks"])
+    assert any("pretrained-init" in c["beside"] for c in demo["checks"])
     floor_sets = sum(1 for e in suite["entries"] if not e.get("trained_on") and (
         e["task"] in ("retrieval", "cross-retrieval", "image-retrieval")
         or (e["task"] == "zeroshot" and e.get("name") == "fashion-mnist")))
@@ -83,8 +93,9 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     seen = [e["name"] for e in suite["entries"] if e.get("trained_on")]
     assert seen and not {c["name"] for c in demo["checks"]} & set(seen)
     for name in seen:
+        # one value per model: trained and the three baselines
         assert f"| {name} (training items) | cross-style image retrieval | mean R@1 |" in report
-        assert re.search(rf"^\| {name} \| cross-style image retrieval \| mean R@1, both directions( \| [0-9.]+){{3}} \|$",
+        assert re.search(rf"^\| {name} \| cross-style image retrieval \| mean R@1, both directions( \| [0-9.]+){{4}} \|$",
                          report, flags=re.M), name
     # the exported model is a regular mmrl/open_clip model folder
     import mmrl
@@ -106,8 +117,21 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     distinct_tokens = {tuple(row) for row in mmrl.get_tokenizer(_trained_model_name(out))(captions).tolist()}
     assert warm["captions"] == len(captions) and warm["computed"] == len(distinct_tokens)  # uncased: Q, q alike
 
+    # untrained: every weight random (stem and text tower too); pretrained-init: the packaged weights loaded
+    from mmrl.layers.pretrained_stem import efficientnet_lite0_state_dict
+
+    packaged = efficientnet_lite0_state_dict()["blocks.4.2.conv_pwl.weight"]
+    stems = {label: mmrl.load_model(out / label)[0].visual.conv1.body[-1][-1].conv_pwl.weight
+             for label in ("untrained", "pretrained-init")}
+    assert torch.equal(stems["pretrained-init"], packaged) and not torch.allclose(stems["untrained"], packaged)
+    texts = {label: mmrl.load_model(out / label)[0].text.transformer.embeddings.word_embeddings.weight
+             for label in ("untrained", "pretrained-init", "train/model")}
+    assert torch.equal(texts["pretrained-init"], texts["train/model"])  # locked MiniLM, as trained
+    assert not torch.allclose(texts["untrained"], texts["pretrained-init"])
+
     # the baselines were evaluated in a second process while the model trained with one CPU thread
-    assert {"evaluate untrained (alongside training)", "evaluate raw-pixels (alongside training)"} <= set(demo["timings"])
+    assert {"evaluate untrained (alongside training)", "evaluate raw-pixels (alongside training)",
+            "evaluate pretrained-init (alongside training)"} <= set(demo["timings"])
     assert "evaluate trained" in demo["timings"] and "evaluate untrained" not in demo["timings"]
     assert "[baselines] eval untrained:" in (out / "logs" / "baselines.log").read_text()
     assert json.loads((out / "train" / "summary.json").read_text())["cpu_threads"] == 1
@@ -210,6 +234,10 @@ def test_demo_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'train_threads': expected an integer >= 1 or null"):
         load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["train_threads=0"])
     assert load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["baseline_threads=null"]).baseline_threads is None
+    with pytest.raises(ConfigError, match="'floor_baselines': unknown baseline 'imagenet'"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["floor_baselines=[untrained, imagenet]"])
+    with pytest.raises(ConfigError, match="'baseline_exclude.pretrained-init': expected"):
+        load_config(DemoConfig, REPO / "configs" / "demo.yaml", ["baseline_exclude={pretrained-init: zeroshot}"])
 
 
 def test_thread_env_limits_a_childs_cpu_threads():
@@ -264,6 +292,12 @@ def test_floor_checks_compare_with_the_best_baseline():
     assert cross.best_baseline == "raw-pixels" and cross.gap == pytest.approx(0.03) and not cross.passed
     fm = checks[("zeroshot", "fashion-mnist")]
     assert fm.gap == pytest.approx(0.04) and not fm.passed  # 4 points < the 5-point margin
+    # a baseline beside the floor is recorded per set and never decides it
+    beside = {"pretrained-init": [EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.39})]}
+    checks = {(c.task, c.name): c for c in floor_checks(trained, {"untrained": baselines["untrained"]}, 0.05, beside)}
+    cross = checks[("cross-retrieval", "a-b")]
+    assert cross.passed and cross.beside == {"pretrained-init": pytest.approx(0.39)} and cross.best_baseline == "untrained"
+    assert checks[("retrieval", "emoji-noto")].beside == {}
 
 
 def test_learned_p_sentences_measure_the_spread_between_groups():

@@ -74,26 +74,43 @@ def test_stem_gives_the_patch16_token_grid_and_keeps_places(one_thread):
     assert delta.argmax() == 15 and delta[0, 0] < 0.2 * delta[3, 3]  # the change lands on its own token
 
 
-def test_locked_stem_stays_fixed_through_training_steps(one_thread):
+@pytest.mark.parametrize("train_stages", [0, 1])
+def test_locked_stem_stays_fixed_through_training_steps(train_stages, one_thread):
+    """A locked stem keeps its weights and BatchNorm statistics, except that ``train_stages`` last
+    stages train their weights (statistics still fixed); the 1x1 projection always trains."""
     torch.manual_seed(0)
-    model = mmrl.create_model(MODEL, "ggem", lock_text=True, cache_text=True)
+    stem_cfg = {"name": "efficientnet_lite0", "locked": True, "train_stages": train_stages}
+    model = mmrl.create_model(MODEL, "ggem", lock_text=True, cache_text=True, vision_cfg={"pretrained_stem": stem_cfg})
     stem = model.visual.conv1
     before = {k: v.clone() for k, v in stem.body.state_dict().items()}
     proj_before = stem.proj.weight.clone()
+    x = torch.randn(4, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():  # the same function as the fully locked stem at initialisation
+        locked = PretrainedStem(16, 192, locked=True).eval()
+        torch.testing.assert_close(stem.body(x), locked.body(x))
     model.train()
-    assert not stem.body.training and not any(p.requires_grad for p in stem.body.parameters())
+    assert not stem.body.training
+    assert [any(p.requires_grad for p in m.parameters()) for m in stem.body] == \
+        [False] * (len(stem.body) - train_stages) + [True] * train_stages
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=0.1)
     tok = mmrl.get_tokenizer(MODEL)
     for _ in range(2):
-        img, txt = model.encode_image(torch.randn(4, 3, 64, 64)), model.encode_text(tok(["a", "b", "c", "d"]))
+        img, txt = model.encode_image(x), model.encode_text(tok(["a", "b", "c", "d"]))
         loss = (img @ txt.T).logsumexp(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = stem.body.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
-    assert not torch.equal(proj_before, stem.proj.weight)          # the 1x1 projection trains
+    last = f"{len(stem.body) - 1}."  # the last stage: blocks.4 (112 channels)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if train_stages:
+        assert changed and all(k.startswith(last) and "running" not in k for k in changed)
+        assert f"{last}0.conv_pw.weight" in changed
+    else:
+        assert not changed                                   # weights and BatchNorm statistics
+    assert not torch.equal(proj_before, stem.proj.weight)    # the 1x1 projection trains
 
 
 def test_save_load_round_trip_without_reading_the_package(tmp_path, monkeypatch, one_thread):
@@ -118,6 +135,7 @@ def test_save_load_round_trip_without_reading_the_package(tmp_path, monkeypatch,
     ({"pretrained_stem": {"name": "resnet50"}}, "pretrained_stem.name"),
     ({"pretrained_stem": {"name": "efficientnet_lite0"}, "patch_size": 8}, "patch_size to 16"),
     ({"pretrained_stem": {"name": "efficientnet_lite0", "frozen": True}}, "unknown keys"),
+    ({"pretrained_stem": {"name": "efficientnet_lite0", "train_stages": 8}}, r"train_stages: expected 0\.\.5"),
     ({"conv_stem": {"channels": [8, 16, 32, 64]}}, "not both"),
 ])
 def test_pretrained_stem_config_errors(vision_cfg, message):

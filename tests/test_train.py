@@ -177,9 +177,10 @@ def test_groupnorm_conv_stem_on_two_ranks_equals_global_batch(step_results):
     assert "visual.conv1.stages.0.weight" in moved and len(moved) > 50  # the stem trained with the rest
 
 
-def test_locked_pretrained_stem_on_two_ranks_equals_global_batch_and_stays_fixed(step_results):
-    """ZeRO-3 partitions the frozen EfficientNet-Lite0 stages too; they (and their BatchNorm
-    statistics) come back unchanged while the 1x1 projection and the transformer train."""
+def test_pretrained_stem_on_two_ranks_equals_global_batch_and_stays_fixed(step_results):
+    """ZeRO-3 partitions the EfficientNet-Lite0 stages too: the locked ones (and every BatchNorm's
+    statistics) come back unchanged, while its fine-tuned last stage (``train_stages: 1``), the 1x1
+    projection and the transformer train -- the same update as one process with the global batch."""
     from mmrl.layers.pretrained_stem import efficientnet_lite0_state_dict
 
     ref, two = step_results["pstem_global"], step_results["pstem_zero3"]
@@ -191,9 +192,11 @@ def test_locked_pretrained_stem_on_two_ranks_equals_global_batch_and_stays_fixed
     assert torch.equal(body["visual.conv1.body.1.running_var"], packaged["bn1.running_var"])
     torch.manual_seed(0)
     start = mmrl.create_model("mmrl-vit-tiny-p8-64", "ggem", vision_cfg={
-        "pretrained_stem": {"name": "efficientnet_lite0"}, "patch_size": 16}).state_dict()
+        "pretrained_stem": {"name": "efficientnet_lite0", "train_stages": 1}, "patch_size": 16}).state_dict()
     moved = {k for k, v in start.items() if not torch.equal(v, ref["state"][k])}
-    assert not moved & set(body) and "visual.conv1.proj.weight" in moved and len(moved) > 20
+    last = "visual.conv1.body.6."  # conv_stem, bn1, blocks.0-4: blocks.4 is the fine-tuned stage
+    assert {k for k in moved & set(body)} and all(k.startswith(last) and "running" not in k for k in moved & set(body))
+    assert "visual.conv1.proj.weight" in moved and len(moved) > 20
 
 
 @pytest.mark.parametrize("variant", ["nan1", "nan2"])

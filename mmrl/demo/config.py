@@ -15,7 +15,10 @@ from ..config import ConfigError, from_dict
 
 __all__ = ["DemoConfig", "StudyConfig", "BASELINES"]
 
-BASELINES = ("untrained", "raw-pixels")
+# untrained: the architecture with every weight at random initialisation (no pretrained weights);
+# pretrained-init: the recipe's model at step 0 -- its pretrained parts (a locked text tower, a
+# pretrained stem) loaded, the rest random; raw-pixels: an image as its RGB pixels.
+BASELINES = ("untrained", "pretrained-init", "raw-pixels")
 POOLS = ("tok", "avg", "max", "gem", "ggem", "cgem", "attn")
 
 
@@ -56,6 +59,10 @@ class DemoConfig:
     suite: str = "eval/suites/demo.yaml"
     only: Optional[str] = None               # run only suite entries whose name or task contains this
     baselines: List[str] = field(default_factory=lambda: list(BASELINES))
+    floor_baselines: List[str] = field(default_factory=lambda: ["untrained", "raw-pixels"])  # the floor's; the
+                                             # other baselines are reported beside it (gap per set)
+    baseline_exclude: Dict[str, List[str]] = field(default_factory=lambda: {"pretrained-init": ["zeroshot"]})
+                                             # suite entries a baseline skips (task, or name substring)
     raw_pixel_size: int = 32
     eval_batch_size: int = 128
     eval_workers: int = 1
@@ -85,6 +92,13 @@ class DemoConfig:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ConfigError(f"config key 'baselines': unknown baseline {bad[0]!r} (known: {', '.join(BASELINES)})")
+        bad = [b for b in self.floor_baselines if b not in BASELINES]
+        if bad:
+            raise ConfigError(f"config key 'floor_baselines': unknown baseline {bad[0]!r} (known: {', '.join(BASELINES)})")
+        for name, patterns in self.baseline_exclude.items():
+            if name not in BASELINES or not isinstance(patterns, list) or not all(isinstance(x, str) and x for x in patterns):
+                raise ConfigError(f"config key 'baseline_exclude.{name}': expected a baseline of {', '.join(BASELINES)} "
+                                  f"with a list of task names or name substrings, got {patterns!r}")
         for key in ("raw_pixel_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r}: expected an integer >= 1, got {getattr(self, key)!r}")

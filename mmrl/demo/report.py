@@ -65,16 +65,56 @@ def _fit_table(labels: Sequence[str], entries: Dict[str, List[EntryMetrics]]) ->
     return lines
 
 
-def _floor_table(checks: List[FloorCheck]) -> List[str]:
-    lines = ["| evaluation set | task | metric | trained | best baseline | gap | verdict |", "|---|---|---|---|---|---|---|"]
+def _floor_table(checks: List[FloorCheck], beside: Sequence[str]) -> List[str]:
+    """One row per floor set; the baselines ``beside`` the floor get a column each (value and gap)."""
+    head = "| evaluation set | task | metric | trained | best floor baseline | gap | "
+    lines = [head + "".join(f"{b} (gap) | " for b in beside) + "verdict |", "|---|---|---|---|---|---|" +
+             "---|" * len(beside) + "---|"]
     for c in checks:
         best = c.best_baseline
         base = f"{fmt_metric(c.baselines[best])} ({best})" if best else "–"
         gap = "–" if c.gap is None else f"{100 * c.gap:+.1f}"
         verdict = "pass" if c.passed else ("no baseline" if best is None else "**FAIL**")
+        others = ""
+        for b in beside:
+            value = c.beside.get(b)
+            others += "– | " if value is None or c.trained is None else \
+                f"{fmt_metric(value)} ({100 * (c.trained - value):+.1f}) | "
         lines.append(f"| {c.name} | {_TASK_NAMES.get(c.task, c.task)} | {c.metric} | {fmt_metric(c.trained)} | "
-                     f"{base} | {gap} | {verdict} |")
+                     f"{base} | {gap} | {others}{verdict} |")
     return lines
+
+
+def _beside_lines(checks: List[FloorCheck], beside: Sequence[str], margin: float) -> List[str]:
+    """A sentence per baseline beside the floor: on how many floor sets the trained model is ahead by the margin."""
+    lines = []
+    for b in beside:
+        compared = [c for c in checks if b in c.beside and c.trained is not None]
+        if not compared:
+            continue
+        behind = [c for c in compared if c.trained - c.beside[b] < margin]
+        lines.append(f"Against *{b}* (beside the floor, not part of it) the trained model is ahead by at least "
+                     f"{100 * margin:.0f} points on {len(compared) - len(behind)} of {len(compared)} sets"
+                     + (f"; not on {', '.join(f'{c.name} ({c.task}, {100 * (c.trained - c.beside[b]):+.1f})' for c in behind)}."
+                        if behind else "."))
+    return lines
+
+
+def _baseline_text(cfg, shown: Sequence[str]) -> str:
+    """What each baseline in the report is."""
+    skipped = cfg.baseline_exclude.get("pretrained-init", [])
+    about = {
+        "untrained": "*untrained* is the same architecture untrained: every weight at random initialisation (the "
+                     "recipe's seed; no pretrained weights loaded)",
+        "pretrained-init": "*pretrained-init* is the recipe's model at step 0, what training starts from: its pretrained "
+                           "parts (a locked text tower, a pretrained stem) loaded, the rest random"
+                           + (f" (not evaluated on {', '.join(skipped)} entries: its random image projection makes "
+                              "text-side tasks chance)" if skipped else ""),
+        "raw-pixels": f"*raw-pixels* represents an image by its {cfg.raw_pixel_size}x{cfg.raw_pixel_size} RGB pixels "
+                      "(nearest neighbour for image retrieval, logistic regression for the linear probe; it has no "
+                      "text side)",
+    }
+    return ("; ".join(about[b] for b in shown if b in about) or "none") + "."
 
 
 def _fmt_seconds(s: float) -> str:
@@ -87,6 +127,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
                   measured: Optional[Dict[str, float]] = None) -> str:
     """The report's markdown (every section of :data:`SECTIONS`, in order)."""
     labels = ["trained"] + [b for b in cfg.baselines if b in entries]
+    beside = [b for b in labels[1:] if b not in cfg.floor_baselines]
     failed = [c for c in checks if not c.passed]
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731 - links relative to the report
     text_tower = "locked pretrained MiniLM-L6 (LiT), text features cached" if tcfg.lock_text else "trained from scratch"
@@ -99,12 +140,13 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
         "held-out emoji concepts in three drawing styles, Tux Paint stamps and Fashion-MNIST.", "",
     ]
     if checks:
-        verdict = (f"**Quality floor met**: the trained model beats every baseline by at least "
+        verdict = (f"**Quality floor met**: the trained model beats every floor baseline "
+                   f"({', '.join(b for b in labels[1:] if b not in beside)}) by at least "
                    f"{100 * cfg.floor_margin:.0f} points on all {len(checks)} checked sets."
                    if not failed else
                    f"**Quality floor NOT met** on {len(failed)} of {len(checks)} checked sets "
                    f"({', '.join(f'{c.name} ({c.task})' for c in failed)}): margin below {100 * cfg.floor_margin:.0f} points.")
-        lines += [verdict, ""]
+        lines += [verdict, ""] + [x + "\n" for x in _beside_lines(checks, beside, cfg.floor_margin)]
     # data
     lines += ["## Data", "", "| corpus | counts | prepared in |", "|---|---|---|"]
     for name, man in manifests.items():
@@ -135,17 +177,16 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
               "", f"![loss curve]({rel(plots['loss'])})", "", f"![learned p per group]({rel(plots['pooling_p'])})", ""]
     # results
     lines += ["## Results", "",
-              "Recall and accuracy in percent. Baselines: *untrained* is the same architecture at initialisation "
-              "(the recipe's seed; its pretrained parts -- a locked text tower, a pretrained stem -- keep their "
-              "pretrained weights); *raw-pixels* represents an "
-              f"image by its {cfg.raw_pixel_size}x{cfg.raw_pixel_size} RGB pixels (nearest neighbour for image "
-              "retrieval, logistic regression for the linear probe; it has no text side).", ""]
+              "Recall and accuracy in percent. Baselines: " + _baseline_text(cfg, labels[1:]), ""]
     lines += _results_table(labels, entries)
     lines += ["", f"![Recall@K per evaluation set]({rel(plots['recalls'])})", ""]
     # floor
     lines += ["## Quality floor", "",
-              f"Headline metric per set; pass when trained - best baseline >= {100 * cfg.floor_margin:.0f} points.", ""]
-    lines += _floor_table(checks) if checks else ["No floor set was evaluated."]
+              f"Headline metric per set; pass when trained - best floor baseline "
+              f"({', '.join(b for b in labels[1:] if b not in beside) or 'none'}) >= {100 * cfg.floor_margin:.0f} points"
+              + (f"; {', '.join(beside)}: shown beside the floor with the trained model's gap, not part of it." if beside
+                 else "."), ""]
+    lines += _floor_table(checks, beside) if checks else ["No floor set was evaluated."]
     lines += _fit_table(labels, entries)
     # files
     lines += ["", "## Files", ""]
@@ -167,7 +208,7 @@ def _image_tower_line(model_name: str) -> str:
     stem, pretrained = vc.get("conv_stem"), vc.get("pretrained_stem")
     if pretrained:
         stem_text = (f"the stride-16 stages of an ImageNet-pretrained {pretrained['name']} "
-                     f"({'locked' if pretrained.get('locked', True) else 'trained'}) then 1x1 to the width")
+                     f"({_stem_training(pretrained)}) then 1x1 to the width")
     elif stem:
         stem_text = (f"a conv stem of {len(stem['channels'])} stride-2 3x3 convolutions {stem['channels']} "
                      f"({stem.get('norm', 'batchnorm')}) then 1x1 to the width")
@@ -175,6 +216,13 @@ def _image_tower_line(model_name: str) -> str:
         stem_text = f"one {vc['patch_size']}x{vc['patch_size']} patchify convolution"
     return (f"- image tower: ViT width {vc['width']} x {vc['layers']} blocks, {vc['image_size']} px, "
             f"{(vc['image_size'] // vc['patch_size']) ** 2} tokens of {vc['patch_size']}x{vc['patch_size']} px from {stem_text}")
+
+
+def _stem_training(pretrained: dict) -> str:
+    if not pretrained.get("locked", True):
+        return "trained"
+    k = int(pretrained.get("train_stages", 0))
+    return "locked" if not k else f"locked but for its last {k} stage{'s' * (k > 1)}, fine-tuned"
 
 
 def _grouping_lines(tcfg, last: dict) -> List[str]:

@@ -14,7 +14,8 @@ from .floor import floor_checks
 from .plots import plot_loss, plot_pooling_p, plot_recalls, read_log
 from .report import render_report
 from .results import recall_curves
-from .steps import BaselineJob, build_untrained, evaluate, evaluation_done, prepare_corpora, run_training, train_shards
+from .steps import (BaselineJob, build_initial, evaluate, evaluation_done, has_pretrained_parts, prepare_corpora,
+                    run_training, train_shards)
 
 __all__ = ["run_demo", "DemoOutcome"]
 
@@ -40,17 +41,24 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     tcfg = cfg.train_config(train_shards(root, cfg.train_corpora), out / "train")
     baselines = {}
     if "untrained" in cfg.baselines:
-        baselines["untrained"] = str(build_untrained(tcfg, out / "untrained", log))
+        baselines["untrained"] = str(build_initial(tcfg, out / "untrained", log, pretrained=False))
+    if "pretrained-init" in cfg.baselines:
+        if has_pretrained_parts(tcfg.model):
+            baselines["pretrained-init"] = str(build_initial(tcfg, out / "pretrained-init", log, pretrained=True))
+        else:
+            log(f"pretrained-init baseline: {tcfg.model} has no pretrained parts (the untrained baseline is it)")
     if "raw-pixels" in cfg.baselines:
         baselines["raw-pixels"] = f"raw-pixels:{cfg.raw_pixel_size}"
     eval_args = dict(only=cfg.only, batch_size=cfg.eval_batch_size, workers=cfg.eval_workers)
+    excludes = {label: list(cfg.baseline_exclude.get(label, ())) for label in baselines}
     job, pending = None, {}
     if cfg.baselines_alongside_training:  # only what is not evaluated yet (everything with --force)
         pending = {k: v for k, v in baselines.items()
-                   if force or not evaluation_done(v, Path(cfg.suite), root, out / "eval" / k, only=cfg.only)}
+                   if force or not evaluation_done(v, Path(cfg.suite), root, out / "eval" / k, only=cfg.only,
+                                                   exclude=excludes[k])}
     if pending:
         job = BaselineJob(pending, Path(cfg.suite), root, out / "eval", force=force, threads=cfg.baseline_threads,
-                          log_path=out / "logs" / "baselines.log", log=log, **eval_args)
+                          log_path=out / "logs" / "baselines.log", log=log, excludes=excludes, **eval_args)
     t0 = time.perf_counter()
     try:
         summary, reused_run = run_training(tcfg, force, log, threads=cfg.train_threads)
@@ -71,11 +79,13 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
         t0 = time.perf_counter()
         done_alongside = job is not None and label in pending
         entries[label], _ = evaluate(spec, Path(cfg.suite), root, out / "eval" / label, log=log,
-                                     force=force and not done_alongside, **eval_args)
+                                     force=force and not done_alongside, exclude=excludes.get(label, ()), **eval_args)
         if not done_alongside:
             timings[f"evaluate {label}"] = time.perf_counter() - t0
 
-    checks = floor_checks(entries["trained"], {k: v for k, v in entries.items() if k != "trained"}, cfg.floor_margin)
+    floor = {k: v for k, v in entries.items() if k in cfg.floor_baselines}
+    beside = {k: v for k, v in entries.items() if k != "trained" and k not in floor}
+    checks = floor_checks(entries["trained"], floor, cfg.floor_margin, beside=beside)
     records = read_log(out / "train" / "log.jsonl") if (out / "train" / "log.jsonl").is_file() else []
     plots_dir = out / "plots"
     init_p = (tcfg.pool_kwargs or {}).get("p_init", 3.0) if tcfg.pool in ("gem", "ggem", "cgem") else None
@@ -109,7 +119,7 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     result = {
         "passed": all(c.passed for c in checks) and bool(checks),
         "checks": [dict(task=c.task, name=c.name, metric=c.metric, trained=c.trained, baselines=c.baselines,
-                        gap=c.gap, passed=c.passed) for c in checks],
+                        gap=c.gap, passed=c.passed, beside=c.beside) for c in checks],
         "timings": timings,
         "measured_timings": measured,
         "train": summary,

@@ -1,5 +1,5 @@
 """The demo's steps, each reusable on its own and each skipping work that is already done:
-prepare the corpora, train (``mmrl train`` in a child process), build the untrained baseline,
+prepare the corpora, train (``mmrl train`` in a child process), build the baselines' models,
 evaluate a model with the suite -- the baselines optionally in a second process while the model
 trains (:class:`BaselineJob`; they do not depend on it).
 
@@ -26,7 +26,7 @@ from ..config import save_config, to_dict
 from ..fileio import atomic_write_text
 from .results import EntryMetrics, read_suite
 
-__all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "build_untrained", "evaluate",
+__all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "build_initial", "has_pretrained_parts", "evaluate",
            "evaluation_done", "file_digest", "BaselineJob", "thread_env"]
 
 Log = Callable[[str], None]
@@ -139,25 +139,37 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_untrained(cfg, dest: Path, log: Log) -> Path:
-    """The recipe's model at step 0 -- created exactly as ``mmrl train`` creates it (same seed,
-    same pretrained text tower and stem when the recipe uses them) -- saved with ``mmrl.save_model``."""
+def has_pretrained_parts(model_name: str) -> bool:
+    """Whether the registry config loads packaged pretrained weights (a Hugging Face text tower, a pretrained stem)."""
+    from ..model.factory import get_model_config
+
+    cfg = get_model_config(model_name)
+    return bool(cfg.get("text_cfg", {}).get("hf_model_name") or cfg.get("vision_cfg", {}).get("pretrained_stem"))
+
+
+def build_initial(cfg, dest: Path, log: Log, *, pretrained: bool) -> Path:
+    """The recipe's model at step 0, created as ``mmrl train`` creates it (same seed), saved with
+    ``mmrl.save_model``. ``pretrained=False``: the *untrained* baseline, every weight at random
+    initialisation; ``True``: the *pretrained-init* baseline, the recipe's pretrained parts (text
+    tower, stem) loaded -- what training starts from."""
     import torch
 
     from ..model import create_model, save_model
 
+    label = "pretrained-init baseline" if pretrained else "untrained baseline"
     stamp = dest / "untrained.json"
     want = {"model": cfg.model, "pool": cfg.pool, "pool_kwargs": cfg.pool_kwargs, "seed": cfg.seed,
-            "final_ln_after_pool": cfg.final_ln_after_pool, "lock_text": cfg.lock_text}
+            "final_ln_after_pool": cfg.final_ln_after_pool, "lock_text": cfg.lock_text, "pretrained": pretrained}
     if stamp.is_file() and json.loads(stamp.read_text()) == want and (dest / "open_clip_config.json").is_file():
-        log(f"untrained baseline: reusing {dest}")
+        log(f"{label}: reusing {dest}")
         return dest
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, cfg.pool, pool_kwargs=cfg.pool_kwargs or None,
-                         final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text)
+                         final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text, pretrained=pretrained)
     save_model(model, dest)
     atomic_write_text(stamp, json.dumps(want, indent=1) + "\n")
-    log(f"untrained baseline: {cfg.model} pool={cfg.pool} seed={cfg.seed} at initialisation -> {dest}")
+    weights = "pretrained parts loaded" if pretrained else "every weight random"
+    log(f"{label}: {cfg.model} pool={cfg.pool} seed={cfg.seed} at initialisation ({weights}) -> {dest}")
     return dest
 
 
@@ -217,15 +229,17 @@ class BaselineJob:
     reuses them."""
 
     def __init__(self, specs: Dict[str, str], suite_path: Path, root: Path, out_eval: Path, *, only: Optional[str],
-                 batch_size: int, workers: int, force: bool, threads: Optional[int], log_path: Path, log: Log):
+                 batch_size: int, workers: int, force: bool, threads: Optional[int], log_path: Path, log: Log,
+                 excludes: Optional[Dict[str, Sequence[str]]] = None):
         import multiprocessing as mp
 
         self.log_path, self.timings_path = Path(log_path), Path(log_path).with_suffix(".json")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.timings_path.unlink(missing_ok=True)
         self.labels = list(specs)
+        excludes = {label: list((excludes or {}).get(label, ())) for label in specs}
         args = (dict(specs), str(suite_path), str(root), str(out_eval), only, batch_size, workers, force, threads,
-                str(self.log_path), str(self.timings_path))
+                str(self.log_path), str(self.timings_path), excludes)
         self.process = mp.get_context("spawn").Process(target=_baseline_job_main, args=args, name="mmrl-baselines")
         self.start = time.perf_counter()
         self.process.start()
@@ -252,7 +266,7 @@ class BaselineJob:
 
 
 def _baseline_job_main(specs, suite_path, root, out_eval, only, batch_size, workers, force, threads, log_path,
-                       timings_path) -> None:
+                       timings_path, excludes) -> None:
     """The child of :class:`BaselineJob`: stdout and stderr (its data workers' too) go to ``log_path``."""
     with open(log_path, "w", encoding="utf-8") as fh:
         os.dup2(fh.fileno(), 1)
@@ -268,6 +282,7 @@ def _baseline_job_main(specs, suite_path, root, out_eval, only, batch_size, work
     for label, spec in specs.items():
         t0 = time.perf_counter()
         evaluate(spec, Path(suite_path), Path(root), Path(out_eval) / label, only=only, batch_size=batch_size,
-                 workers=workers, log=lambda m: print(f"[baselines] {m}", flush=True), force=force, progress=False)
+                 workers=workers, log=lambda m: print(f"[baselines] {m}", flush=True), force=force, progress=False,
+                 exclude=excludes.get(label, ()))
         timings[label] = time.perf_counter() - t0
     atomic_write_text(Path(timings_path), json.dumps(timings, indent=1) + "\n")

@@ -195,6 +195,7 @@ def create_model(
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     output_dict: Optional[bool] = None,
+    pretrained: bool = True,
     **model_overrides: Any,
 ) -> torch.nn.Module:
     """Create architecture ``name`` (randomly initialised) pooling with ``pool``.
@@ -212,12 +213,14 @@ def create_model(
         cache_text: with ``lock_text`` and a Hugging Face text tower, compute each caption's
             pooled text feature once and reuse it (:mod:`mmrl.model.text_cache`).
         precision: ``fp32``, ``bf16`` / ``fp16`` (open_clip's mixed weights), ``pure_bf16`` / ``pure_fp16``.
+        pretrained: load the config's packaged pretrained weights (a Hugging Face text tower's, a
+            ``pretrained_stem``'s); ``False``: every weight at random initialisation.
     """
     if cache_text and not lock_text:
         raise ValueError("cache_text=True needs lock_text=True (only a frozen text tower can be cached)")
     cfg = resolve_model_cfg(name, pool, pool_kwargs, final_ln_after_pool, image_size, vision_cfg, text_cfg, **model_overrides)
     model = create_model_from_config(cfg, lock_text=lock_text, precision=precision, device=device,
-                                     output_dict=output_dict, name=name)
+                                     output_dict=output_dict, pretrained=pretrained, name=name)
     if cache_text:
         from .text_cache import enable_text_cache
 

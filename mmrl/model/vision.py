@@ -77,10 +77,10 @@ class PooledVisionTransformer(VisionTransformer):
         if self.pretrained_stem is not None:
             if self.conv_stem is not None:
                 raise ValueError("vision_cfg: set conv_stem or pretrained_stem, not both")
-            unknown = set(self.pretrained_stem) - {"name", "locked"}
+            unknown = set(self.pretrained_stem) - {"name", "locked", "train_stages"}
             if unknown:
                 raise ValueError(f"vision_cfg.pretrained_stem: unknown keys {sorted(unknown)} "
-                                 f"(expected 'name', 'locked')")
+                                 f"(expected 'name', 'locked', 'train_stages')")
             # stem_weights=False: the weights will come from a saved model (mmrl.load_model)
             self.conv1 = PretrainedStem(patch_size, width, pretrained=stem_weights, **self.pretrained_stem)
 

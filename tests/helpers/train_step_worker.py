@@ -5,7 +5,7 @@ configurations; rank 0 saves the consolidated parameters and the global loss of 
 usage: torchrun --nproc_per_node N train_step_worker.py BATCH.pt OUT_DIR VARIANT [VARIANT ...]
 VARIANT = name:zero_stage:grad_accum[:nan][:siglip][:group][:stem][:pstem]
 (group: the batch's group ids go to the grouped CLIP loss with its image-image term;
-stem: the tower has a GroupNorm conv stem; pstem: a locked pretrained EfficientNet-Lite0 stem)
+stem: the tower has a GroupNorm conv stem; pstem: a pretrained EfficientNet-Lite0 stem, locked but for its last stage)
 """
 import os
 import sys
@@ -48,7 +48,7 @@ def main():
         if "stem" in flags:
             extra["vision_cfg"] = {"conv_stem": {"channels": [8, 16, 32], "norm": "groupnorm"}}
         if "pstem" in flags:
-            extra["vision_cfg"] = {"pretrained_stem": {"name": "efficientnet_lite0"}, "patch_size": 16}
+            extra["vision_cfg"] = {"pretrained_stem": {"name": "efficientnet_lite0", "train_stages": 1}, "patch_size": 16}
         module = ContrastiveModule(create_model("mmrl-vit-tiny-p8-64", "ggem", **extra))
         optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size),
