@@ -61,7 +61,8 @@ class DemoConfig:
     baselines: List[str] = field(default_factory=lambda: list(BASELINES))
     floor_baselines: List[str] = field(default_factory=lambda: ["untrained", "raw-pixels"])  # the floor's; the
                                              # other baselines are reported beside it (gap per set)
-    baseline_exclude: Dict[str, List[str]] = field(default_factory=lambda: {"pretrained-init": ["zeroshot"]})
+    baseline_exclude: Dict[str, List[str]] = field(
+        default_factory=lambda: {"pretrained-init": ["zeroshot", "linear-probe"]})
                                              # suite entries a baseline skips (task, or name substring)
     raw_pixel_size: int = 32
     eval_batch_size: int = 128

@@ -108,8 +108,7 @@ def _baseline_text(cfg, shown: Sequence[str]) -> str:
                      "recipe's seed; no pretrained weights loaded)",
         "pretrained-init": "*pretrained-init* is the recipe's model at step 0, what training starts from: its pretrained "
                            "parts (a locked text tower, a pretrained stem) loaded, the rest random"
-                           + (f" (not evaluated on {', '.join(skipped)} entries: its random image projection makes "
-                              "text-side tasks chance)" if skipped else ""),
+                           + (f" (entries left out, `baseline_exclude`: {', '.join(skipped)})" if skipped else ""),
         "raw-pixels": f"*raw-pixels* represents an image by its {cfg.raw_pixel_size}x{cfg.raw_pixel_size} RGB pixels "
                       "(nearest neighbour for image retrieval, logistic regression for the linear probe; it has no "
                       "text side)",

@@ -26,8 +26,8 @@ from ..config import save_config, to_dict
 from ..fileio import atomic_write_text
 from .results import EntryMetrics, read_suite
 
-__all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "build_initial", "has_pretrained_parts", "evaluate",
-           "evaluation_done", "file_digest", "BaselineJob", "thread_env"]
+__all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "build_initial", "has_pretrained_parts",
+           "evaluate", "evaluation_done", "file_digest", "BaselineJob", "thread_env"]
 
 Log = Callable[[str], None]
 
@@ -157,7 +157,7 @@ def build_initial(cfg, dest: Path, log: Log, *, pretrained: bool) -> Path:
     from ..model import create_model, save_model
 
     label = "pretrained-init baseline" if pretrained else "untrained baseline"
-    stamp = dest / "untrained.json"
+    stamp = dest / "initial.json"
     want = {"model": cfg.model, "pool": cfg.pool, "pool_kwargs": cfg.pool_kwargs, "seed": cfg.seed,
             "final_ln_after_pool": cfg.final_ln_after_pool, "lock_text": cfg.lock_text, "pretrained": pretrained}
     if stamp.is_file() and json.loads(stamp.read_text()) == want and (dest / "open_clip_config.json").is_file():
