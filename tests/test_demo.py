@@ -74,6 +74,11 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
             metrics = _finite_metrics(Path(e["result"]))
             assert Path(e["result"]).parent == out / "eval" / label
             assert metrics == pytest.approx(e["metrics"])
+    # one evaluation encodes shared inputs once: the three emoji styles' caption list (one concept list) shares a
+    # text-feature file with itself, Tux Paint's captions get the other; Fashion-MNIST test one image-feature file
+    cached = out / "eval" / "trained" / ".mmrl" / "features"
+    assert len(list(cached.glob("texts-*.safetensors"))) == 2
+    assert len(list(cached.glob("fashion-mnist-test-*.safetensors"))) == 1
     # the results table shows trained and the three baselines; the floor table has one row per floor set,
     # the floor decided by untrained and raw pixels, pretrained-init beside it
     assert "| evaluation set | task | metric | trained | untrained | pretrained-init | raw-pixels |" in report

@@ -74,6 +74,40 @@ def test_retrieval_writes_clip_benchmark_schema_and_uses_the_cache(data, tmp_pat
     assert "toy_zeroshot_retrieval.json" in capsys.readouterr().out
 
 
+def test_sets_sharing_their_captions_share_one_text_cache_file(tmp_path, monkeypatch):
+    """One caption list under two evaluation sets' labels (a concept list drawn in two styles) is
+    encoded once; another list is not mistaken for it."""
+    torch.manual_seed(0)
+    model, tok = mmrl.create_model(ARCH, pool="ggem"), mmrl.get_tokenizer(ARCH)
+    calls = []
+    real = feat_mod._encode_texts
+    monkeypatch.setattr(feat_mod, "_encode_texts", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    texts = ["a red square", "a blue circle", "a green line"]
+    first = feat_mod.extract_text_features(model, tok, texts, progress=False, cache_dir=tmp_path, label="set-a-captions")
+    again = feat_mod.extract_text_features(model, tok, texts, progress=False, cache_dir=tmp_path, label="set-b-captions")
+    other = feat_mod.extract_text_features(model, tok, texts[::-1], progress=False, cache_dir=tmp_path, label="set-a-captions")
+    assert calls == [texts, texts[::-1]]
+    assert torch.equal(first, again) and torch.allclose(other, first.flip(0), atol=1e-6)
+
+
+def test_trimmed_padding_gives_the_same_text_features():
+    """A Hugging Face tower (MiniLM, mean pooling) runs only up to the longest real token; an
+    open_clip text transformer gets its tokens unchanged."""
+    torch.manual_seed(0)
+    name = "mmrl-vit-tiny-p8-64-minilm"
+    model, tok = mmrl.create_model(name, pool="ggem").eval(), mmrl.get_tokenizer(name)
+    tokens = tok(["a cat", "a much longer caption about a small brown dog"])
+    trimmed = feat_mod.trim_padding(model, tokens)
+    pad = model.text.config.pad_token_id
+    assert 1 < trimmed.shape[1] < tokens.shape[1] and (tokens[:, trimmed.shape[1]:] == pad).all()
+    assert (trimmed[:, -1] != pad).any()  # the longest caption keeps every real token
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(trimmed), model.encode_text(tokens), atol=1e-5, rtol=1e-5)
+    plain = mmrl.create_model(ARCH, pool="ggem")
+    plain_tokens = mmrl.get_tokenizer(ARCH)(["a cat"])
+    assert feat_mod.trim_padding(plain, plain_tokens) is plain_tokens
+
+
 def test_cache_is_invalidated_when_the_saved_model_changes(data, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = mmrl.create_model(ARCH, pool="gem")

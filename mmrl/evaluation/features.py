@@ -256,12 +256,29 @@ def extract_image_features(model, ds, *, device: str = "cpu", amp: bool = False,
         model.train(was_training)
 
 
+# Hugging Face poolers that read only the real (unmasked) tokens; open_clip's MaxPooler does not
+# (it fills the real tokens with -inf), so its padding changes the result and is left alone
+_PADDING_FREE_POOLERS = ("MeanPooler", "ClsPooler", "ClsLastHiddenStatePooler")
+
+
+def trim_padding(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` without the trailing columns that are padding in every row, for a Hugging Face
+    text tower that masks padding out of attention and pooling (the same features, less compute:
+    a 32-token context holds ~10-token captions); any other text tower gets ``tokens`` unchanged."""
+    text = getattr(model, "text", None)
+    pad = getattr(getattr(text, "config", None), "pad_token_id", None)
+    if pad is None or type(getattr(text, "pooler", None)).__name__ not in _PADDING_FREE_POOLERS or tokens.dim() != 2:
+        return tokens
+    real = (tokens != pad).any(dim=0).nonzero()
+    return tokens[:, :int(real.max()) + 1] if real.numel() else tokens[:, :1]
+
+
 def _encode_texts(model, tokenizer, texts: Sequence[str], device: torch.device, amp: bool, batch_size: int,
                   progress: bool, desc: str) -> torch.Tensor:
     out: List[torch.Tensor] = []
     starts = range(0, len(texts), batch_size)
     for a in _bar(starts, len(starts), desc, progress):
-        tokens = tokenizer(list(texts[a:a + batch_size])).to(device)
+        tokens = trim_padding(model, tokenizer(list(texts[a:a + batch_size]))).to(device)
         with torch.no_grad(), _autocast(device, amp):
             out.append(model.encode_text(tokens).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
@@ -270,7 +287,9 @@ def _encode_texts(model, tokenizer, texts: Sequence[str], device: torch.device, 
 def extract_text_features(model, tokenizer, texts: Sequence[str], *, device: str = "cpu", amp: bool = False,
                           batch_size: int = 256, progress: bool = True, cache_dir: Optional[Path] = None,
                           model_key: Optional[str] = None, label: str = "texts") -> torch.Tensor:
-    """Raw ``encode_text`` outputs of ``texts`` (in order), cached like image features."""
+    """Raw ``encode_text`` outputs of ``texts`` (in order), cached like image features. The cache
+    file is named by what it holds, not by ``label`` (kept in its metadata): evaluation sets that
+    share their captions -- one concept list drawn in several styles -- share one file."""
     dev = torch.device(device)
     was_training = model.training
     model.eval()
@@ -285,7 +304,7 @@ def extract_text_features(model, tokenizer, texts: Sequence[str], *, device: str
                     "batch_size": batch_size, "tokenizer": type(tokenizer).__name__,
                     "context_length": getattr(tokenizer, "context_length", None)}
         cache = FeatureCache(cache_dir)
-        path = cache.path(label, identity)
+        path = cache.path("texts", identity)
         hit = cache.load(path, fp)
         if hit is not None:
             return hit["embedding"]
@@ -301,7 +320,7 @@ def encode_text_groups(model, tokenizer, groups: Sequence[Sequence[str]], device
     """``reduce(encode_text(group))`` for each group, one batch per group (zero-shot classes)."""
     out = []
     for group in _bar(groups, len(groups), desc, progress):
-        tokens = tokenizer(list(group)).to(device)
+        tokens = trim_padding(model, tokenizer(list(group))).to(device)
         with torch.no_grad(), _autocast(device, amp):
             out.append(reduce(model.encode_text(tokens)))
     return torch.stack(out)
