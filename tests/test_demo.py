@@ -126,11 +126,10 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     from mmrl.layers.pretrained_stem import efficientnet_lite0_state_dict
 
     packaged = efficientnet_lite0_state_dict()["blocks.4.2.conv_pwl.weight"]
-    stems = {label: mmrl.load_model(out / label)[0].visual.conv1.body[-1][-1].conv_pwl.weight
-             for label in ("untrained", "pretrained-init")}
+    models = {label: mmrl.load_model(out / label)[0] for label in ("untrained", "pretrained-init", "train/model")}
+    stems = {label: models[label].visual.conv1.body[-1][-1].conv_pwl.weight for label in ("untrained", "pretrained-init")}
     assert torch.equal(stems["pretrained-init"], packaged) and not torch.allclose(stems["untrained"], packaged)
-    texts = {label: mmrl.load_model(out / label)[0].text.transformer.embeddings.word_embeddings.weight
-             for label in ("untrained", "pretrained-init", "train/model")}
+    texts = {label: m.text.transformer.embeddings.word_embeddings.weight for label, m in models.items()}
     assert torch.equal(texts["pretrained-init"], texts["train/model"])  # locked MiniLM, as trained
     assert not torch.allclose(texts["untrained"], texts["pretrained-init"])
 

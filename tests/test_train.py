@@ -195,7 +195,8 @@ def test_pretrained_stem_on_two_ranks_equals_global_batch_and_stays_fixed(step_r
         "pretrained_stem": {"name": "efficientnet_lite0", "train_stages": 1}, "patch_size": 16}).state_dict()
     moved = {k for k, v in start.items() if not torch.equal(v, ref["state"][k])}
     last = "visual.conv1.body.6."  # conv_stem, bn1, blocks.0-4: blocks.4 is the fine-tuned stage
-    assert {k for k in moved & set(body)} and all(k.startswith(last) and "running" not in k for k in moved & set(body))
+    moved_in_body = moved & set(body)
+    assert moved_in_body and all(k.startswith(last) and "running" not in k for k in moved_in_body)
     assert "visual.conv1.proj.weight" in moved and len(moved) > 20
 
 

@@ -101,19 +101,22 @@ def _beside_lines(checks: List[FloorCheck], beside: Sequence[str], margin: float
 
 
 def _baseline_text(cfg, shown: Sequence[str]) -> str:
-    """What each baseline in the report is."""
-    skipped = cfg.baseline_exclude.get("pretrained-init", [])
+    """What each baseline in the report is, with the suite entries its ``baseline_exclude`` leaves out."""
     about = {
         "untrained": "*untrained* is the same architecture untrained: every weight at random initialisation (the "
                      "recipe's seed; no pretrained weights loaded)",
         "pretrained-init": "*pretrained-init* is the recipe's model at step 0, what training starts from: its pretrained "
-                           "parts (a locked text tower, a pretrained stem) loaded, the rest random"
-                           + (f" (entries left out, `baseline_exclude`: {', '.join(skipped)})" if skipped else ""),
+                           "parts (a locked text tower, a pretrained stem) loaded, the rest random",
         "raw-pixels": f"*raw-pixels* represents an image by its {cfg.raw_pixel_size}x{cfg.raw_pixel_size} RGB pixels "
                       "(nearest neighbour for image retrieval, logistic regression for the linear probe; it has no "
                       "text side)",
     }
-    return ("; ".join(about[b] for b in shown if b in about) or "none") + "."
+
+    def text(b: str) -> str:
+        skipped = cfg.baseline_exclude.get(b)
+        return about[b] + (f" (entries left out, `baseline_exclude`: {', '.join(skipped)})" if skipped else "")
+
+    return ("; ".join(text(b) for b in shown if b in about) or "none") + "."
 
 
 def _fmt_seconds(s: float) -> str:
@@ -126,6 +129,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
                   measured: Optional[Dict[str, float]] = None) -> str:
     """The report's markdown (every section of :data:`SECTIONS`, in order)."""
     labels = ["trained"] + [b for b in cfg.baselines if b in entries]
+    floor_labels = [b for b in labels[1:] if b in cfg.floor_baselines]
     beside = [b for b in labels[1:] if b not in cfg.floor_baselines]
     failed = [c for c in checks if not c.passed]
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731 - links relative to the report
@@ -140,7 +144,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
     ]
     if checks:
         verdict = (f"**Quality floor met**: the trained model beats every floor baseline "
-                   f"({', '.join(b for b in labels[1:] if b not in beside)}) by at least "
+                   f"({', '.join(floor_labels)}) by at least "
                    f"{100 * cfg.floor_margin:.0f} points on all {len(checks)} checked sets."
                    if not failed else
                    f"**Quality floor NOT met** on {len(failed)} of {len(checks)} checked sets "
@@ -182,7 +186,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
     # floor
     lines += ["## Quality floor", "",
               f"Headline metric per set; pass when trained - best floor baseline "
-              f"({', '.join(b for b in labels[1:] if b not in beside) or 'none'}) >= {100 * cfg.floor_margin:.0f} points"
+              f"({', '.join(floor_labels) or 'none'}) >= {100 * cfg.floor_margin:.0f} points"
               + (f"; {', '.join(beside)}: shown beside the floor with the trained model's gap, not part of it." if beside
                  else "."), ""]
     lines += _floor_table(checks, beside) if checks else ["No floor set was evaluated."]
