@@ -18,7 +18,7 @@ import yaml
 
 from .fileio import atomic_write_text
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides", "save_config"]
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides", "save_config", "merge"]
 
 T = TypeVar("T")
 
@@ -141,11 +141,12 @@ def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
     return tree
 
 
-def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+def merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested mappings merged key by key (``extra`` wins)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -163,7 +164,7 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Iter
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return from_dict(cls, _merge(data, parse_overrides(overrides)))
+    return from_dict(cls, merge(data, parse_overrides(overrides)))
 
 
 def save_config(obj: Any, path: str | Path) -> None:

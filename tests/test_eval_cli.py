@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import mmrl
-import mmrl.commands.eval  # noqa: F401  (registers `mmrl eval` until mmrl/commands/__init__.py imports it)
+
 from mmrl.cli import main
 from mmrl.evaluation import features as feat_mod
 

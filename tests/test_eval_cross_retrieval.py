@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import mmrl.commands.eval  # noqa: F401  (registers `mmrl eval`)
+
 from mmrl.cli import main
 from mmrl.evaluation import RunOptions
 from mmrl.evaluation.context import load_eval_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import command
+from .registry import command
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 

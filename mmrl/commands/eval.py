@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import command
+from .registry import command
 
 _TASK_HELP = {
     "retrieval": "image-text retrieval on COCO / Flickr30k-style annotations (Karpathy JSON, COCO captions, CSV)",

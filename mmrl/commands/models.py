@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import command
+from .registry import command
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
@@ -13,9 +13,9 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 @command("models", "list model architectures", _models_args)
 def cmd_models(args: argparse.Namespace) -> int:
-    from ..model.factory import _MODEL_CONFIGS, list_models
+    from ..model import list_models
 
-    for name in list_models() if args.all else sorted(_MODEL_CONFIGS):
+    for name in list_models(include_open_clip=args.all):
         print(name)
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import command
+from .registry import command
 from ..prepare import RECIPES
 
 CORPORA = tuple(RECIPES)  # the registry's names (importing it loads no recipe module)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import command
+from .registry import command
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -121,9 +121,9 @@ class DemoConfig:
     def train_config(self, shards: str, output_dir: str | Path, extra: Optional[Dict[str, Any]] = None,
                      prefix: str = "train."):
         """The :class:`TrainConfig` of a run: the ``train`` section (+ ``extra``), its data and output."""
-        from ..config import _merge
+        from ..config import merge
         from ..train import TrainConfig
 
-        data = _merge(dict(self.train), dict(extra or {}))
-        data = _merge(data, {"data": {"train": shards}, "output_dir": str(output_dir), "resume": "auto"})
+        data = merge(dict(self.train), dict(extra or {}))
+        data = merge(data, {"data": {"train": shards}, "output_dir": str(output_dir), "resume": "auto"})
         return from_dict(TrainConfig, data, prefix=prefix)

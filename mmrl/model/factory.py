@@ -61,9 +61,12 @@ def _is_vit_config(cfg: Dict[str, Any]) -> bool:
     )
 
 
-def list_models() -> list[str]:
-    """mmrl's configs, then open_clip's ViT configs (the ones a pooled tower can replace)."""
+def list_models(*, include_open_clip: bool = True) -> list[str]:
+    """mmrl's configs, then (unless ``include_open_clip=False``) open_clip's ViT configs (the ones a
+    pooled tower can replace)."""
     ours = sorted(_MODEL_CONFIGS)
+    if not include_open_clip:
+        return ours
     theirs = [n for n in open_clip.list_models() if n not in _MODEL_CONFIGS and _is_vit_config(open_clip.get_model_config(n))]
     return ours + theirs
 
