@@ -36,25 +36,10 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 @command("info", "describe a saved model: architecture, pooling, learned exponents", _info_args)
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..model.io import load_model
+    from ..model import describe_model, load_model
 
     model, _, _ = load_model(args.path)
-    vc = model.mmrl_cfg["model_cfg"]["vision_cfg"]
-    pooler = model.visual.pooler
-    info = {
-        "name": model.mmrl_cfg.get("name", ""),
-        "class": type(model).__name__,
-        "pool": vc.get("pool_type"),
-        "pool_kwargs": vc.get("pool_kwargs", {}),
-        "final_ln_after_pool": vc.get("final_ln_after_pool", False),
-        "conv_stem": vc.get("conv_stem"),
-        "pretrained_stem": vc.get("pretrained_stem"),
-        "image_size": model.visual.image_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "logit_scale": float(model.logit_scale.detach().exp()),
-    }
-    if hasattr(pooler, "p"):
-        info["p"] = [round(float(v), 4) for v in pooler.effective_p().detach()]
+    info = describe_model(model).as_dict()
     if args.json:
         print(json.dumps(info))
     else:

@@ -64,6 +64,12 @@ class ConvStem(nn.Module):
             cin = cout
         self.stages = nn.Sequential(*layers)
         self.proj = nn.Conv2d(cin, width, 1)
+        self.channels, self.norm = channels, norm
+
+    def describe(self) -> str:
+        """The stem in words (reports, ``mmrl info``)."""
+        return (f"a conv stem of {len(self.channels)} stride-2 3x3 convolutions {self.channels} ({self.norm}) "
+                "then 1x1 to the width")
 
     def forward(self, x):
         if self.channels_last:
