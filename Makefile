@@ -5,19 +5,28 @@ BIN    := $(VENV)/bin
 # reinstall only when the dependency list changes
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install test bench demo study clean
+.PHONY: install test test-fast lint bench demo study clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@echo 'installing mmrl and its dependencies into .venv (the first time takes a few minutes)'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --quiet -e '.[dev,demo]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# the full suite (CI's command)
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# everything but the tests marked slow (multi-process, demo, corpus-preparing): about a minute
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests
+lint: install
+	$(BIN)/ruff check .
 
 bench: install
 	for b in pooling loader train eval text_cache; do $(BIN)/python benchmarks/$$b.py || exit 1; done

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .deps import MissingDependency
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (MissingDependency, ValueError, FileNotFoundError) as err:  # one line, no traceback
         print(f"mmrl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

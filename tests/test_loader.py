@@ -125,7 +125,10 @@ def test_webdataset_1x_emits_end_of_shard_marker_and_grouping_ignores_it(tmp_pat
     """The hazard itself (webdataset >= 0.2.96 yields {} after each shard) and our grouping."""
     urls, keys = simple_dataset(tmp_path, 2, 3)
     shards = sorted(str(p) for p in tmp_path.glob("*.tar"))
-    items = list(wds.tariterators.tar_file_expander(wds.tariterators.url_opener([{"url": u} for u in shards])))
+    sources = list(wds.tariterators.url_opener([{"url": u} for u in shards]))
+    items = list(wds.tariterators.tar_file_expander(sources))
+    for source in sources:  # webdataset leaves its files open
+        source["stream"].close()
     assert items.count({}) == 2
     stats = StreamStats(10, 10)
     got = [s for u in shards for s in shard_samples(u, stats)]

@@ -216,8 +216,8 @@ def test_pad_to_square_centres_the_whole_picture(mode, size):
     assert out.size == (side, side)
     left, top = (side - size[0]) // 2, (side - size[1]) // 2
     inner = out.crop((left, top, left + size[0], top + size[1]))
-    assert list(inner.convert(img.mode if img.mode != "L" else "RGB").getdata()) == \
-        list(img.convert(img.mode if img.mode != "L" else "RGB").getdata())  # nothing rescaled or moved
+    mode = img.mode if img.mode != "L" else "RGB"
+    assert inner.convert(mode).tobytes() == img.convert(mode).tobytes()  # nothing rescaled or moved
     if size[0] == size[1]:
         assert out is img
     elif "A" in out.getbands():  # the margin is transparent: flattening puts it on white
@@ -302,7 +302,9 @@ def test_openclipart_metadata_and_blank_svgs(tmp_path):
     blank.write_text(svg.replace("BODY", "<defs><linearGradient id='g'/></defs>"))
     start = time.time()
     ok = render_file(RenderTask(str(drawn), str(tmp_path / "drawn.png"), 64, unsafe=True))
-    assert ok.status == "ok" and Image.open(tmp_path / "drawn.png").size == (64, 32)
+    assert ok.status == "ok"
+    with Image.open(tmp_path / "drawn.png") as png:
+        assert png.size == (64, 32)
     assert render_file(RenderTask(str(blank), str(tmp_path / "blank.png"), 64, unsafe=True)).status == "blank"
     assert time.time() - start < 5  # the http image reference was not fetched
     assert not (tmp_path / "blank.png").exists()
@@ -372,7 +374,7 @@ def test_glyph_rendering_filled_outline_and_coverage(corpora, glyphs):
     filled, outline = render_glyph("M", font, "filled"), render_glyph("M", font, "outline")
     for img in (filled, outline):
         assert img.mode == "RGBA" and img.width == img.height
-    ink = lambda img: sum(1 for a, r in zip(img.getchannel("A").getdata(), img.getchannel("R").getdata())
+    ink = lambda img: sum(1 for a, r in zip(img.getchannel("A").tobytes(), img.getchannel("R").tobytes())
                           if a > 128 and r < 128)
     assert ink(outline) < 0.7 * ink(filled)  # an outline leaves the inside of the strokes white
     assert outline.getchannel("A").getbbox() is not None

@@ -31,6 +31,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..config import load_config, to_dict
     from ..demo import DemoConfig, run_demo, run_study
+    from ..deps import DEMO_PACKAGES, require
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
@@ -41,6 +42,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
+    for module in DEMO_PACKAGES:  # fail in one line now, not after training (the report's plots)
+        require(module, feature="the demo")
     if args.study:
         run_study(cfg, force=args.force)
         return 0

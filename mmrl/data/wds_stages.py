@@ -41,6 +41,7 @@ Counters and fail-fast (:class:`StreamStats`)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -156,6 +157,13 @@ class ShardErrorHandler:
         return True
 
 
+def _kept(sources: Iterable[dict], into: List[dict]) -> Iterator[dict]:
+    """``sources`` (webdataset's ``{"url", "stream"}`` dicts), each also appended to ``into``."""
+    for source in sources:
+        into.append(source)
+        yield source
+
+
 def shard_samples(url: str, stats: StreamStats) -> Iterator[dict]:
     """Raw samples of one tar: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
 
@@ -164,23 +172,31 @@ def shard_samples(url: str, stats: StreamStats) -> Iterator[dict]:
     open_clip tolerates). Errors are counted, never raised.
     """
     handler = ShardErrorHandler(stats, url)
-    files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler, eof_value=None)
+    opened: List[dict] = []  # webdataset never closes the file it opens: closed below
+    files = tar_file_expander(_kept(url_opener([{"url": url}], handler=handler), opened), handler=handler,
+                              eof_value=None)
     n = 0
     current: Optional[dict] = None
-    for item in files:
-        fname = item.get("fname") if isinstance(item, dict) else None
-        if fname is None:  # any marker or foreign item: not a file
-            continue
-        key, ext = base_plus_ext(fname)
-        if key is None:
-            continue
-        ext = ext.lower()
-        if current is None or key != current["__key__"] or ext in current:
-            if current is not None:
-                n += 1
-                yield current
-            current = {"__key__": key, "__url__": url}
-        current[ext] = item["data"]
+    try:
+        for item in files:
+            fname = item.get("fname") if isinstance(item, dict) else None
+            if fname is None:  # any marker or foreign item: not a file
+                continue
+            key, ext = base_plus_ext(fname)
+            if key is None:
+                continue
+            ext = ext.lower()
+            if current is None or key != current["__key__"] or ext in current:
+                if current is not None:
+                    n += 1
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = item["data"]
+    finally:  # also when the consumer stops early (the generator is closed)
+        files.close()
+        for source in opened:
+            with contextlib.suppress(Exception):  # a pipe: URL's exit status after an early stop is no error
+                source["stream"].close()
     # account for the shard before handing out its last sample: a consumer that stops right
     # after it (the worker's last batch) must not lose the shard's error count
     stats.shard_done(url, n + (current is not None), handler.failed)

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
+from ..deps import require
 from ..fileio import atomic_write_bytes
 
 __all__ = ["read_log", "plot_loss", "plot_pooling_p", "plot_recalls", "plot_study"]
@@ -19,8 +20,7 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = require("matplotlib", feature="drawing the demo report's plots")  # the demo extra's
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

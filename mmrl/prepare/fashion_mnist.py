@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 from PIL import Image
 
+from ..progress import progress
 from .common import Manifest, PrepareError, atomic_write_text, log, slug
 from .debian import fetch_deb
 
@@ -56,11 +57,9 @@ def read_idx(path: Path, dims: int) -> np.ndarray:
 
 
 def _write_split(images: np.ndarray, labels: np.ndarray, out: Path, desc: str, width: int) -> Dict[str, Any]:
-    from tqdm import tqdm
-
     for label in range(len(CLASSES)):
         (out / class_folder(label)).mkdir(parents=True, exist_ok=True)
-    for index in tqdm(range(len(images)), desc=desc, unit="img", mininterval=0.5):
+    for index in progress(range(len(images)), desc=desc, unit="img", mininterval=0.5):
         path = out / class_folder(int(labels[index])) / f"{index:0{width}d}.png"
         if not path.exists():
             Image.fromarray(images[index], mode="L").save(path, format="PNG")

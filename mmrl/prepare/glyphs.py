@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..deps import require
 from .common import Manifest, PrepareError, evenly_spaced, log, pad_to_square, parallel_map, save_image, stable_hash
 from .debian import fetch_deb
 from .tuxpaint import crop_to_content
@@ -132,7 +133,7 @@ def emoji_codepoints() -> set:
 
 def _covered(font_path: Path) -> set:
     """The characters a font file maps to a glyph (its best cmap)."""
-    from fontTools.ttLib import TTFont
+    TTFont = require("fontTools.ttLib", feature="the glyphs corpus").TTFont
 
     try:
         with TTFont(str(font_path), lazy=True) as font:

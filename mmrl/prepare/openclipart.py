@@ -100,7 +100,7 @@ def prepare_openclipart(root: Path, out: Path, *, limit: Optional[int], workers:
     from ..data import ImageTextRecord
     from ..data.shards import build_shards
 
-    load_cairosvg()
+    load_cairosvg("the openclipart corpus")
     deb = fetch_deb(PACKAGE, root)
     svg_dir = deb.dir / SVG_DIR
     if not svg_dir.is_dir():

@@ -14,17 +14,18 @@ from typing import Optional, Tuple
 from PIL import Image
 
 from ..data.images import to_rgb
-from .common import PrepareError, require, save_image
+from ..deps import MissingDependency, require
+from .common import PrepareError, save_image
 
 __all__ = ["RenderTask", "RenderResult", "load_cairosvg", "render_svg", "render_file", "is_blank"]
 
 _EMPTY_SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"></svg>'
 
 
-def load_cairosvg():
-    """Import cairosvg, or fail with how to get it and the cairo library it loads."""
+def load_cairosvg(feature: str = "SVG rendering"):
+    """Import cairosvg, or fail with how to get it (for ``feature``) and the cairo library it loads."""
     try:
-        return require("cairosvg", "cairosvg", "SVG rendering")
+        return require("cairosvg", feature=feature)
     except OSError as err:  # cairocffi could not dlopen libcairo
         raise PrepareError(f"cairosvg could not load the system cairo library ({err}): "
                            f"apt-get install libcairo2") from err
@@ -125,7 +126,7 @@ def render_file(task: RenderTask) -> RenderResult:
     try:
         data = Path(task.src).read_bytes()
         img = render_svg(data, task.box, url=task.src, unsafe=task.unsafe)
-    except PrepareError:
+    except (PrepareError, MissingDependency):
         raise
     except Exception as err:  # noqa: BLE001 - any parser/cairo failure is a skipped file
         return RenderResult(task, "error", f"{type(err).__name__}: {err}"[:300])

@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 
 from PIL import Image
 
+from ..deps import MissingDependency
 from .common import (Manifest, PrepareError, RetrievalItem, evenly_spaced, log, parallel_map, save_image,
                      write_imagefolder, write_karpathy)
 from .debian import fetch_deb
@@ -125,7 +126,7 @@ def _convert(task: Tuple[str, str, bool]) -> Tuple[str, str]:
             with Image.open(src) as opened:
                 opened.load()
                 img = opened.convert("RGBA") if opened.mode in ("LA", "P", "PA") else opened.copy()
-    except PrepareError:
+    except (PrepareError, MissingDependency):
         raise
     except Exception:  # noqa: BLE001 - any decoder or cairo failure skips the stamp
         return dst, "unreadable"
@@ -149,7 +150,7 @@ def prepare_tuxpaint(root: Path, out: Path, *, limit: Optional[int], workers: Op
     stamps, skipped = find_stamps(stamps_dir)
     stamps = evenly_spaced(stamps, limit)
     if any(s.image.suffix == ".svg" for s in stamps):
-        load_cairosvg()
+        load_cairosvg("the tuxpaint corpus (its SVG-only stamps)")
     images = out / "images"
     tasks = [(str(s.image), str(images / s.filename), s.colorable) for s in stamps]
     status = dict(parallel_map(_convert, tasks, workers=workers, desc="tuxpaint: images"))
