@@ -9,7 +9,6 @@ import glob
 import io
 import json
 import os
-import sys
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,9 +17,9 @@ from typing import Dict, List, Optional
 
 from braceexpand import braceexpand
 from PIL import Image
-from tqdm import tqdm
 
 from ..fileio import atomic_write_text
+from ..progress import progress as progress_bar
 from .shards import write_sizes
 
 __all__ = ["ShardReport", "expand_shards", "check_shards", "sizes_from_stats"]
@@ -115,8 +114,8 @@ def check_shard(path: str) -> ShardReport:
 
 def check_shards(spec: str, write_sizes_json: bool = True, progress: bool = True) -> List[ShardReport]:
     """Check every shard of ``spec``; writes ``sizes.json`` (good samples) in each shard folder."""
-    reports = [check_shard(p) for p in tqdm(expand_shards(spec), desc="checking shards", unit="shard",
-                                            disable=not progress, file=sys.stderr)]
+    reports = [check_shard(p) for p in progress_bar(expand_shards(spec), desc="checking shards", unit="shard",
+                                                    enabled=progress)]
     if write_sizes_json:
         by_dir: Dict[str, Dict[str, int]] = defaultdict(dict)
         for r in reports:

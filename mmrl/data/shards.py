@@ -32,9 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tqdm import tqdm
-
 from ..fileio import TMP_MARK, atomic_write_bytes, atomic_write_text, temp_path
+from ..progress import progress as progress_bar
 from .images import ImageError, encode_image
 from .records import ImageTextRecord
 
@@ -215,7 +214,7 @@ def build_shards(
             continue
         tasks.append((shard_id, list(chunk), options, fingerprint, str(out), key_digits))
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
-    bar = tqdm(total=len(records), initial=done_samples, desc=desc, unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(records), initial=done_samples, desc=desc, unit="img", enabled=progress)
     if tasks:
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         counter = ctx.Value("l", 0)

@@ -18,6 +18,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..progress import progress as progress_bar
+
 __all__ = ["CachedHFTextEncoder", "enable_text_cache"]
 
 
@@ -83,11 +85,8 @@ class CachedHFTextEncoder(nn.Module):
         order = [i for _, i in sorted(zip(lengths, todo))]
         hits, misses = self.hits, self.misses
         chunks = range(0, len(order), batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            chunks = tqdm(chunks, desc="text features", unit="batch", mininterval=1.0)
-        for start in chunks:
+        bar = progress_bar(chunks, desc="text features", unit="batch", enabled=progress, mininterval=1.0)
+        for start in bar:
             self.pooled(tokens[order[start:start + batch_size]])
         self.hits, self.misses = hits, misses
         return len(order)

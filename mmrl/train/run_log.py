@@ -1,13 +1,13 @@
-"""Rank-0 training log: a progress bar (samples/s, loss, ETA), TensorBoard events and a JSONL file."""
+"""Rank-0 training log: progress (steps, steps/s, ETA, loss, samples/s -- a bar on a terminal, a plain
+line every ``$MMRL_PROGRESS_INTERVAL`` seconds otherwise), TensorBoard events and a JSONL file."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict
 
-from tqdm import tqdm
+from ..progress import progress
 
 __all__ = ["RunLog"]
 
@@ -31,13 +31,12 @@ class RunLog:
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:  # tensorboard not installed: JSONL and the bar still work
                 self.tb = None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self, step: int, postfix: Dict[str, str]) -> None:
         if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)  # before update: its line shows this step's values
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(postfix, refresh=False)
 
     def record(self, step: int, values: Dict[str, Any]) -> None:
         if not self.enabled:
