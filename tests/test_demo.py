@@ -270,14 +270,14 @@ def test_a_failing_baseline_job_names_its_log(tmp_path):
 
 def test_floor_checks_compare_with_the_best_baseline():
     from mmrl.demo.floor import floor_checks
-    from mmrl.demo.results import EntryMetrics
+    from mmrl.evaluation import EntryResult as EntryMetrics
 
     def ret(r):  # text-image retrieval entry whose six recalls all equal r
         return {f"{d}_retrieval_recall@{k}": r for d in ("image", "text") for k in (1, 5, 10)}
 
-    trained = [EntryMetrics("emoji-noto", "retrieval", "ok", metrics=ret(0.30)),
-               EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.40}),
-               EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.18}),
+    trained = [EntryMetrics("emoji-noto", "retrieval", "ok", metrics=ret(0.30), floor=True),  # the suite's floor sets
+               EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.40}, floor=True),
+               EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.18}, floor=True),
                EntryMetrics("emoji-category", "zeroshot", "ok", metrics={"acc1": 0.5}),     # not a floor set
                EntryMetrics("fashion-mnist", "linear-probe", "ok", metrics={"lp_acc1": 0.7}),  # not a floor set
                EntryMetrics("seen-a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.2}, trained_on=True)]  # diagnostic

@@ -1,21 +1,20 @@
-"""The demo's quality floor: the trained model must beat every floor baseline by a clear margin on
-each held-out retrieval set (text-image, cross-style and same-style image retrieval) and on
-Fashion-MNIST zero-shot. A baseline that cannot run an entry (raw pixels have no text side) is
-not compared there; a set the suite marks ``trained_on`` (training items) is a fit diagnostic and
-never a floor set. Baselines outside the floor (``beside``) are carried along per set so that the
-report can show the trained model's gap to them too.
+"""The demo's quality floor: the trained model must beat every floor baseline by a clear margin,
+in its task's headline metric (:class:`mmrl.evaluation.Headline`), on each set its suite marks
+``floor: true`` (the demo suite: every held-out retrieval set -- text-image, cross-style and
+same-style image retrieval -- and Fashion-MNIST zero-shot). A baseline that cannot run an entry
+(raw pixels have no text side) is not compared there; a set the suite marks ``trained_on``
+(training items) is a fit diagnostic and never a floor set (the suite cannot mark it both).
+Baselines outside the floor (``beside``) are carried along per set so that the report can show
+the trained model's gap to them too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .results import HEADLINE, EntryMetrics
+from ..evaluation import EntryResult, get_task
 
-__all__ = ["FloorCheck", "floor_checks", "FLOOR_TASKS"]
-
-FLOOR_TASKS = ("retrieval", "cross-retrieval", "image-retrieval")
-FLOOR_ZEROSHOT = ("fashion-mnist",)
+__all__ = ["FloorCheck", "floor_checks"]
 
 
 @dataclass
@@ -43,7 +42,7 @@ class FloorCheck:
         return self.gap is not None and self.gap >= self.margin
 
 
-def _headlines(by_key: Dict[str, Dict[tuple, EntryMetrics]], key: tuple) -> Dict[str, float]:
+def _headlines(by_key: Dict[str, Dict[tuple, EntryResult]], key: tuple) -> Dict[str, float]:
     values = {}
     for label, entries in by_key.items():
         other = entries.get(key)
@@ -53,18 +52,16 @@ def _headlines(by_key: Dict[str, Dict[tuple, EntryMetrics]], key: tuple) -> Dict
     return values
 
 
-def floor_checks(trained: List[EntryMetrics], baselines: Dict[str, List[EntryMetrics]], margin: float,
-                 beside: Optional[Dict[str, List[EntryMetrics]]] = None) -> List[FloorCheck]:
-    """One check per floor entry the trained model was evaluated on, against ``baselines``;
+def floor_checks(trained: List[EntryResult], baselines: Dict[str, List[EntryResult]], margin: float,
+                 beside: Optional[Dict[str, List[EntryResult]]] = None) -> List[FloorCheck]:
+    """One check per ``floor`` entry the trained model was evaluated on, against ``baselines``;
     ``beside``: baselines whose headline values are recorded per set but do not decide the floor."""
     by_key = {label: {e.key: e for e in entries} for label, entries in baselines.items()}
     beside_by_key = {label: {e.key: e for e in entries} for label, entries in (beside or {}).items()}
     checks = []
     for e in trained:
-        if not (e.task in FLOOR_TASKS or (e.task == "zeroshot" and e.name in FLOOR_ZEROSHOT)):
+        if not e.floor or e.trained_on or e.status == "skipped":
             continue
-        if e.status == "skipped" or e.trained_on:
-            continue
-        checks.append(FloorCheck(e.task, e.name, HEADLINE[e.task][1], e.headline(), _headlines(by_key, e.key), margin,
-                                 _headlines(beside_by_key, e.key)))
+        checks.append(FloorCheck(e.task, e.name, get_task(e.task).headline.label, e.headline(),
+                                 _headlines(by_key, e.key), margin, _headlines(beside_by_key, e.key)))
     return checks

@@ -7,15 +7,18 @@ import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..evaluation import EntryResult, get_task
 from .floor import FloorCheck
-from .results import HEADLINE, SHOWN_METRICS, EntryMetrics, fmt_metric
+from .results import fmt_metric
 
 __all__ = ["SECTIONS", "render_report"]
 
 SECTIONS = ("## Summary", "## Data", "## Training", "## Results", "## Quality floor", "## Files", "## Timings")
-_TASK_NAMES = {"retrieval": "text-image retrieval", "cross-retrieval": "cross-style image retrieval",
-               "zeroshot": "zero-shot classification", "image-retrieval": "image-to-image retrieval (same class)",
-               "linear-probe": "linear probe"}
+
+
+def _title(task: str) -> str:
+    """What the task is, in words (the registry's :attr:`~mmrl.evaluation.Task.title`)."""
+    return get_task(task).title
 
 
 def _machine() -> str:
@@ -25,31 +28,31 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {device}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def _results_table(labels: Sequence[str], entries: Dict[str, List[EntryMetrics]]) -> List[str]:
+def _results_table(labels: Sequence[str], entries: Dict[str, List[EntryResult]]) -> List[str]:
     head = "| evaluation set | task | metric | " + " | ".join(labels) + " |"
     lines = [head, "|" + "---|" * (3 + len(labels))]
     index = {label: {e.key: e for e in entries.get(label, [])} for label in labels}
     for e in entries[labels[0]]:
         if e.status != "ok":
-            lines.append(f"| {e.name} | {_TASK_NAMES.get(e.task, e.task)} | {e.status}: {e.message} |"
+            lines.append(f"| {e.name} | {_title(e.task)} | {e.status}: {e.message} |"
                          + " |" * len(labels))
             continue
-        for key, label in SHOWN_METRICS.get(e.task, ()):
+        for key, label in ((m.key, m.label) for m in get_task(e.task).shown):
             if key not in e.metrics:
                 continue
             cells = []
             for lab in labels:
                 other = index[lab].get(e.key)
                 cells.append(fmt_metric(other.metrics.get(key) if other and other.status == "ok" else None, key))
-            lines.append(f"| {_set_name(e)} | {_TASK_NAMES.get(e.task, e.task)} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_set_name(e)} | {_title(e.task)} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _set_name(e: EntryMetrics) -> str:
+def _set_name(e: EntryResult) -> str:
     return f"{e.name} (training items)" if e.trained_on else e.name
 
 
-def _fit_table(labels: Sequence[str], entries: Dict[str, List[EntryMetrics]]) -> List[str]:
+def _fit_table(labels: Sequence[str], entries: Dict[str, List[EntryResult]]) -> List[str]:
     """Headline metric of the sets of training items, per model: the fit diagnostic."""
     seen = [e for e in entries[labels[0]] if e.trained_on and e.status == "ok"]
     if not seen:
@@ -61,7 +64,7 @@ def _fit_table(labels: Sequence[str], entries: Dict[str, List[EntryMetrics]]) ->
              "| training-item set | task | metric | " + " | ".join(labels) + " |", "|" + "---|" * (3 + len(labels))]
     for e in seen:
         cells = [fmt_metric(index[lab][e.key].headline() if e.key in index[lab] else None) for lab in labels]
-        lines.append(f"| {e.name} | {_TASK_NAMES.get(e.task, e.task)} | {HEADLINE[e.task][1]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {e.name} | {_title(e.task)} | {get_task(e.task).headline.label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -80,7 +83,7 @@ def _floor_table(checks: List[FloorCheck], beside: Sequence[str]) -> List[str]:
             value = c.beside.get(b)
             others += "– | " if value is None or c.trained is None else \
                 f"{fmt_metric(value)} ({100 * (c.trained - value):+.1f}) | "
-        lines.append(f"| {c.name} | {_TASK_NAMES.get(c.task, c.task)} | {c.metric} | {fmt_metric(c.trained)} | "
+        lines.append(f"| {c.name} | {_title(c.task)} | {c.metric} | {fmt_metric(c.trained)} | "
                      f"{base} | {gap} | {others}{verdict} |")
     return lines
 
@@ -123,8 +126,8 @@ def _fmt_seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: Dict[str, dict],
-                  entries: Dict[str, List[EntryMetrics]], checks: List[FloorCheck], plots: Dict[str, Path],
+def render_report(*, cfg, tcfg, description, summary: dict, records: List[dict], manifests: Dict[str, dict],
+                  entries: Dict[str, List[EntryResult]], checks: List[FloorCheck], plots: Dict[str, Path],
                   timings: Dict[str, float], out: Path, files: List[Path], train_reused: bool,
                   measured: Optional[Dict[str, float]] = None) -> str:
     """The report's markdown (every section of :data:`SECTIONS`, in order)."""
@@ -168,7 +171,7 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
               f"(the demo config's `train:` section), run in `{rel(Path(tcfg.output_dir))}`"
               + (" (reused: finished earlier with the same recipe)" if train_reused else ""),
               f"- model `{tcfg.model}`, pooling `{tcfg.pool}` {tcfg.pool_kwargs or ''}, text tower {text_tower}",
-              _image_tower_line(tcfg.model),
+              f"- image tower: {description.image_tower}",
               f"- {summary.get('step')} steps x batch {tcfg.batch_size}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, cosine), "
               f"weight decay {tcfg.weight_decay:g}, GGeM p lr x{tcfg.p_lr_mult:g}, {tcfg.precision}, ZeRO-{tcfg.zero_stage}",
               f"- augmentation: crop scale {tuple(aug.scale)}, grayscale p={aug.grayscale:g}, invert p={aug.invert:g}, "
@@ -202,30 +205,6 @@ def render_report(*, cfg, tcfg, summary: dict, records: List[dict], manifests: D
                   "| phase | wall time |", "|---|---|"]
         lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in measured.items()]
     return "\n".join(lines) + "\n"
-
-
-def _image_tower_line(model_name: str) -> str:
-    from ..model.factory import get_model_config
-
-    vc = get_model_config(model_name)["vision_cfg"]
-    stem, pretrained = vc.get("conv_stem"), vc.get("pretrained_stem")
-    if pretrained:
-        stem_text = (f"the stride-16 stages of an ImageNet-pretrained {pretrained['name']} "
-                     f"({_stem_training(pretrained)}) then 1x1 to the width")
-    elif stem:
-        stem_text = (f"a conv stem of {len(stem['channels'])} stride-2 3x3 convolutions {stem['channels']} "
-                     f"({stem.get('norm', 'batchnorm')}) then 1x1 to the width")
-    else:
-        stem_text = f"one {vc['patch_size']}x{vc['patch_size']} patchify convolution"
-    return (f"- image tower: ViT width {vc['width']} x {vc['layers']} blocks, {vc['image_size']} px, "
-            f"{(vc['image_size'] // vc['patch_size']) ** 2} tokens of {vc['patch_size']}x{vc['patch_size']} px from {stem_text}")
-
-
-def _stem_training(pretrained: dict) -> str:
-    if not pretrained.get("locked", True):
-        return "trained"
-    k = int(pretrained.get("train_stages", 0))
-    return "locked" if not k else f"locked but for its last {k} stage{'s' * (k > 1)}, fine-tuned"
 
 
 def _grouping_lines(tcfg, last: dict) -> List[str]:

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 from typing import Callable, Dict
 
+from ..evaluation import get_task
 from ..fileio import atomic_write_text
 from .config import DemoConfig
 from .floor import floor_checks
 from .plots import plot_loss, plot_pooling_p, plot_recalls, read_log
 from .report import render_report
 from .results import recall_curves
-from .steps import (BaselineJob, build_initial, evaluate, evaluation_done, has_pretrained_parts, prepare_corpora,
+from .steps import (BaselineJob, build_initial, describe_recipe, evaluate, evaluation_done, prepare_corpora,
                     run_training, train_shards)
 
 __all__ = ["run_demo", "DemoOutcome"]
@@ -39,11 +40,12 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     timings["prepare corpora"] = time.perf_counter() - t0
 
     tcfg = cfg.train_config(train_shards(root, cfg.train_corpora), out / "train")
+    description = describe_recipe(tcfg)
     baselines = {}
     if "untrained" in cfg.baselines:
         baselines["untrained"] = str(build_initial(tcfg, out / "untrained", log, pretrained=False))
     if "pretrained-init" in cfg.baselines:
-        if has_pretrained_parts(tcfg.model):
+        if description.pretrained_parts:
             baselines["pretrained-init"] = str(build_initial(tcfg, out / "pretrained-init", log, pretrained=True))
         else:
             log(f"pretrained-init baseline: {tcfg.model} has no pretrained parts (the untrained baseline is it)")
@@ -91,7 +93,7 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     init_p = (tcfg.pool_kwargs or {}).get("p_init", 3.0) if tcfg.pool in ("gem", "ggem", "cgem") else None
     curves = {}
     for e in entries["trained"]:
-        if e.status != "ok" or e.task not in ("retrieval", "cross-retrieval", "image-retrieval"):
+        if e.status != "ok" or get_task(e.task).recall_curve is None:
             continue
         per_model = {}
         for label, items in entries.items():
@@ -127,7 +129,8 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     }
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1, allow_nan=True) + "\n")
     files.append(out / "demo.json")
-    text = render_report(cfg=cfg, tcfg=tcfg, summary=summary, records=records, manifests=manifests, entries=entries,
+    text = render_report(cfg=cfg, tcfg=tcfg, description=description, summary=summary, records=records,
+                         manifests=manifests, entries=entries,
                          checks=checks, plots=plots, timings=timings, measured=measured, out=out, files=files,
                          train_reused=reused_run)
     report = atomic_write_text(out / "report.md", text)

@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
-from ..config import save_config, to_dict
+from ..config import save_config
+from ..evaluation import EntryResult, read_suite_results
 from ..fileio import atomic_write_text
-from .results import EntryMetrics, read_suite
 
-__all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "build_initial", "has_pretrained_parts",
+__all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "build_initial", "describe_recipe",
            "evaluate", "evaluation_done", "file_digest", "BaselineJob", "thread_env"]
 
 Log = Callable[[str], None]
@@ -58,18 +56,21 @@ def train_shards(root: Path, corpora: List[str]) -> str:
 
 
 def _recipe_matches(out: Path, cfg) -> Optional[bool]:
-    """Whether ``out/config.yaml`` (written by ``mmrl train``) is ``cfg``, ``resume`` aside;
-    ``None`` when there is no saved config (an unreadable one does not match)."""
-    try:
-        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
-    except OSError:
+    """Whether ``out/config.yaml`` (written by ``mmrl train``) is the typed config ``cfg``, ``resume``
+    aside; ``None`` when there is no saved config (one that no longer loads -- unreadable, or keys
+    this version does not know -- does not match)."""
+    from dataclasses import replace
+
+    from ..config import ConfigError, load_config
+
+    path = out / "config.yaml"
+    if not path.is_file():
         return None
-    except yaml.YAMLError:
+    try:
+        saved = load_config(type(cfg), path)
+    except (ConfigError, OSError):
         return False
-    want = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    saved.pop("resume", None)
-    want.pop("resume", None)
-    return saved == want
+    return replace(saved, resume=cfg.resume) == cfg
 
 
 def finished_run(cfg) -> Optional[dict]:
@@ -139,12 +140,14 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def has_pretrained_parts(model_name: str) -> bool:
-    """Whether the registry config loads packaged pretrained weights (a Hugging Face text tower, a pretrained stem)."""
-    from ..model.factory import get_model_config
+def describe_recipe(cfg):
+    """The recipe's model as :func:`mmrl.describe_model` reads it (built without its packaged
+    weights: the architecture, not the weights, is described)."""
+    from ..model import create_model, describe_model
 
-    cfg = get_model_config(model_name)
-    return bool(cfg.get("text_cfg", {}).get("hf_model_name") or cfg.get("vision_cfg", {}).get("pretrained_stem"))
+    model = create_model(cfg.model, cfg.pool, pool_kwargs=cfg.pool_kwargs or None,
+                         final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text, pretrained=False)
+    return describe_model(model)
 
 
 def build_initial(cfg, dest: Path, log: Log, *, pretrained: bool) -> Path:
@@ -175,16 +178,17 @@ def build_initial(cfg, dest: Path, log: Log, *, pretrained: bool) -> Path:
 
 def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Optional[str], batch_size: int,
              workers: int, log: Log, force: bool = False, exclude: Sequence[str] = (),
-             progress: bool = True) -> Tuple[List[EntryMetrics], bool]:
+             progress: bool = True) -> Tuple[List[EntryResult], bool]:
     """Run the suite for one model (a saved folder or ``raw-pixels:N``) into ``out_dir``,
     unless the same weights were already evaluated with the same suite and filter. Returns the
-    entries and whether they were reused (nothing evaluated now)."""
+    entries' results (read back from the suite summary when reused) and whether they were
+    reused (nothing evaluated now)."""
     from ..evaluation.context import RunOptions, default_device, load_eval_model
     from ..evaluation.suite import load_suite, run_suite
 
     if not force and evaluation_done(spec, suite_path, root, out_dir, only=only, exclude=exclude):
         log(f"eval {spec}: reusing {out_dir}")
-        return read_suite(next(iter(sorted(out_dir.glob("suite_*.json"))))), True
+        return read_suite_results(next(iter(sorted(out_dir.glob("suite_*.json"))))), True
     want = _eval_stamp(spec, suite_path, root, only, exclude)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -195,9 +199,9 @@ def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Op
     opts = RunOptions(device=device, batch_size=batch_size, num_workers=workers, out_dir=out_dir, progress=progress,
                       cache_dir=out_dir / ".mmrl" / "features")
     suite = load_suite(suite_path, root=root)
-    run_suite(em, opts, suite, only=only, exclude=exclude, log=lambda m: log(f"eval {out_dir.name}: {m}"))
+    results = run_suite(em, opts, suite, only=only, exclude=exclude, log=lambda m: log(f"eval {out_dir.name}: {m}"))
     atomic_write_text(out_dir / _STAMP, json.dumps(want, indent=1) + "\n")
-    return read_suite(out_dir / f"suite_{suite.name}.json"), False
+    return results, False
 
 
 _STAMP = Path(".mmrl") / "evaluated.json"  # not beside the result files: `mmrl eval table` reads those

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
+from ..evaluation import EntryResult, get_task
 from ..evaluation.table import build_table, collect, mean_std
 from ..fileio import atomic_write_text
 from .config import DemoConfig
 from .plots import plot_study
-from .results import HEADLINE, EntryMetrics
 from .steps import evaluate, prepare_corpora, run_training, train_shards
 
 __all__ = ["run_study", "Stat", "compare_pools", "verdict_sentences"]
@@ -104,13 +104,13 @@ def verdict_sentences(stats: Dict[str, Dict[str, Stat]], focus: str = "ggem") ->
     return summary + [""] + out
 
 
-def _headline_values(entries: List[EntryMetrics]) -> Dict[str, float]:
+def _headline_values(entries: List[EntryResult]) -> Dict[str, float]:
     """One number per evaluated entry (its headline metric), keyed by a readable label."""
     out = {}
     for e in entries:
         v = e.headline()
         if v is not None and math.isfinite(v):
-            out[f"{e.name} {e.task} ({HEADLINE[e.task][1]})"] = v
+            out[f"{e.name} {e.task} ({get_task(e.task).headline.label})"] = v
     return out
 
 

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from .context import EvalModel, RunOptions
+from .options import TaskOptions, option
 from .ranking import TIE_RULE, text_image_ranks
+from .tasks import Headline, Metric, Task, recall_curve, register
 
 __all__ = ["RECALL_K", "IdentityImages", "read_identity_folder", "overlap", "cross_retrieval_metrics",
-           "evaluate", "run_cross_retrieval"]
+           "evaluate", "run_cross_retrieval", "CrossRetrievalTaskOptions", "TASK"]
 
 RECALL_K = (1, 5, 10)
 LABELS_FILE = "labels.json"
@@ -183,3 +185,41 @@ def run_cross_retrieval(em: EvalModel, opts: RunOptions, query: str | Path, gall
     path = write_result(opts.out_dir, dataset, "cross_retrieval", metrics, em.info, protocol,
                         fingerprint=model_fingerprint(em.model))
     return path, metrics
+
+
+@dataclass
+class CrossRetrievalTaskOptions(TaskOptions):
+    """``mmrl eval cross-retrieval`` flags, the keys of a suite's ``task: cross-retrieval`` entry."""
+
+    needs = (("query", "gallery"),)
+
+    query: str | None = option(metavar="DIR", path="data", help="query image folder")
+    gallery: str | None = option(metavar="DIR", path="data", help="gallery image folder")
+    root: str | None = option(suite=False, help="folder --query / --gallery are relative to (default: as given)")
+    name: str | None = option(help="dataset name in the result (default QUERY-GALLERY)")
+    recall_k: list[int] = option(list(RECALL_K), metavar="K", help="recall cut-offs K of R@K")
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(bool(self.recall_k) and all(k >= 1 for k in self.recall_k), "recall_k", "positive integers")
+
+
+def _run_task(em: EvalModel, opts: RunOptions, o: CrossRetrievalTaskOptions) -> Tuple[Path, Dict[str, float]]:
+    from .retrieval import parse_ks
+
+    return run_cross_retrieval(em, opts, o.query, o.gallery, root=o.root, name=o.name, recall_k=parse_ks(o.recall_k))
+
+
+TASK = register(Task(
+    name="cross-retrieval", result_task="cross_retrieval", title="cross-style image retrieval",
+    help="cross-style image-to-image retrieval between two folders of the same identities (Recall@1/5/10 both ways)",
+    description="cross-style image-to-image retrieval between two folders of the same identities (Recall@1/5/10 "
+                "both ways). An image's identity is its file stem, or the 'concept' of its entry in a labels.json "
+                "beside the folder; identities present in only one folder are left out.",
+    options=CrossRetrievalTaskOptions, run=_run_task,
+    headline=Headline("mean R@1, both directions", ("recall@1",)),
+    metrics=(Metric("q2g_recall@1", "query→gallery R@1"), Metric("g2q_recall@1", "gallery→query R@1"),
+             Metric("recall@1", "mean R@1"), Metric("recall@5", "mean R@5"),
+             Metric("recall@10", "mean R@10", report=False)),
+    recall_curve=recall_curve,
+))

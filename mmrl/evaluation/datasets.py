@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "DatasetMissing", "ImageListDataset", "image_folder", "read_classnames_file", "clean_classname",
     "NamedDataset", "NAMED_DATASETS", "build_named", "ClassificationData", "classification_data",
-    "dataset_fingerprint", "Subsample",
+    "dataset_fingerprint", "Subsample", "default_split",
 ]
 
 _SPLIT_NAMES = {"train", "test", "val", "valid", "validation", "trainval"}
@@ -198,6 +198,15 @@ def build_named(name: str, root: str | Path, split: str, transform: Optional[Cal
     except (RuntimeError, FileNotFoundError, OSError) as err:
         detail = str(err).split(". You can use download=True")[0].rstrip(".")  # torchvision's wording
         raise DatasetMissing(f"{name}: not found under {root} ({detail})", hint) from err
+
+
+def default_split(data: str, role: str = "test") -> str:
+    """The ``role`` (``train`` or ``test``) split of ``data``: a named dataset's own (ImageNet's
+    test split is ``val``), ``train`` / ``test`` for an image folder."""
+    spec = NAMED_DATASETS.get(data) if not Path(data).exists() else None
+    if spec is None:
+        return role
+    return spec.splits[0] if role == "train" else spec.splits[1]
 
 
 def _base_classes(ds) -> Optional[List[str]]:

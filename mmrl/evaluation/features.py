@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..fileio import atomic_write
+from ..progress import progress as progress_bar
 from .datasets import dataset_fingerprint, describe_item
 
 __all__ = [
     "ImageFeatures", "capture_pooled", "encode_images", "model_fingerprint", "FeatureCache",
     "extract_image_features", "extract_text_features", "default_cache_dir", "make_loader", "labelled_image_features",
+    "autocast_context",
 ]
 
 FORMAT = 1
@@ -85,13 +86,14 @@ def capture_pooled(model: torch.nn.Module):
         del visual._pool
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast_context(device: torch.device, amp: bool):
+    """``torch.autocast`` on ``device`` when ``amp``, else a no-op context."""
     return torch.autocast(device.type, enabled=amp) if amp else contextlib.nullcontext()
 
 
 def encode_images(model, images: torch.Tensor, device: torch.device, amp: bool):
     """``(embedding, pooled or None)`` for one batch, as float32 on the CPU."""
-    with torch.no_grad(), _autocast(device, amp), capture_pooled(model) as store:
+    with torch.no_grad(), autocast_context(device, amp), capture_pooled(model) as store:
         emb = model.encode_image(images.to(device))
     pooled = store[-1].float().cpu() if store else None
     return emb.float().cpu(), pooled
@@ -182,21 +184,13 @@ def make_loader(ds, batch_size: int, num_workers: int) -> DataLoader:
                       collate_fn=_collate, persistent_workers=False)
 
 
-def _bar(iterable, total: int, desc: str, progress: bool):
-    if not progress:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", file=sys.stderr, leave=False)
-
-
 def _compute_image_features(model, ds, *, batch_size: int, num_workers: int, device: torch.device, amp: bool,
                             progress: bool, desc: str) -> ImageFeatures:
     embs: List[torch.Tensor] = []
     pooled: List[torch.Tensor] = []
     targets: List[torch.Tensor] = []
     loader = make_loader(ds, batch_size, num_workers)
-    for images, y, errors in _bar(loader, len(loader), desc, progress):
+    for images, y, errors in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
         if errors:
             more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
             raise ValueError(f"cannot read image {errors[0]}{more}")
@@ -277,9 +271,9 @@ def _encode_texts(model, tokenizer, texts: Sequence[str], device: torch.device, 
                   progress: bool, desc: str) -> torch.Tensor:
     out: List[torch.Tensor] = []
     starts = range(0, len(texts), batch_size)
-    for a in _bar(starts, len(starts), desc, progress):
+    for a in progress_bar(starts, desc=desc, unit="batch", enabled=progress, leave=False):
         tokens = trim_padding(model, tokenizer(list(texts[a:a + batch_size]))).to(device)
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast_context(device, amp):
             out.append(model.encode_text(tokens).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -319,9 +313,9 @@ def encode_text_groups(model, tokenizer, groups: Sequence[Sequence[str]], device
                        progress: bool, desc: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``reduce(encode_text(group))`` for each group, one batch per group (zero-shot classes)."""
     out = []
-    for group in _bar(groups, len(groups), desc, progress):
+    for group in progress_bar(groups, desc=desc, unit="batch", enabled=progress, leave=False):
         tokens = trim_padding(model, tokenizer(list(group))).to(device)
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast_context(device, amp):
             out.append(reduce(model.encode_text(tokens)))
     return torch.stack(out)
 

@@ -8,6 +8,7 @@ have no positive and are left out of both metrics (their number is reported).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -15,9 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from .context import EvalModel, RunOptions
+from .datasets import NAMED_DATASETS, default_split
+from .options import TaskOptions, option
 from .ranking import TIE_RULE, image_to_image_ranks
+from .tasks import Headline, Metric, Task, recall_curve, register
 
-__all__ = ["image_retrieval_metrics", "evaluate", "run_image_retrieval", "RECALL_K"]
+__all__ = ["image_retrieval_metrics", "evaluate", "run_image_retrieval", "RECALL_K", "ImageRetrievalTaskOptions",
+           "TASK"]
 
 RECALL_K = (1, 2, 4, 8)
 
@@ -80,3 +85,37 @@ def run_image_retrieval(em: EvalModel, opts: RunOptions, data: str, *, root: Opt
     path = write_result(opts.out_dir, cd.name, "image_retrieval", metrics, em.info, protocol,
                         fingerprint=model_fingerprint(em.model))
     return path, metrics
+
+
+@dataclass
+class ImageRetrievalTaskOptions(TaskOptions):
+    """``mmrl eval image-retrieval`` flags, the keys of a suite's ``task: image-retrieval`` entry."""
+
+    needs = (("dataset",), ("data",))
+
+    dataset: str | None = option(metavar="NAME", choices=tuple(NAMED_DATASETS),
+                                 help="a named dataset, read from --root (in a suite: from the suite's root)")
+    data: str | None = option(metavar="ROOT", path="data", help="labelled image folder or named dataset")
+    root: str | None = option(suite="root", help="where named datasets live (default datasets/)")
+    split: str | None = option(help="split of a named dataset (default: its test split)")
+    features: str = option("embedding", choices=("embedding", "pooled"),
+                           help="embedding = encode_image; pooled = before visual.proj; both L2-normalised")
+    name: str | None = option(help="dataset name in the result")
+
+
+def _run_task(em: EvalModel, opts: RunOptions, o: ImageRetrievalTaskOptions) -> Tuple[Path, Dict[str, float]]:
+    data = o.dataset or o.data
+    return run_image_retrieval(em, opts, data, root=o.root, split=o.split or default_split(data),
+                               features=o.features, name=o.name)
+
+
+TASK = register(Task(
+    name="image-retrieval", result_task="image_retrieval", title="image-to-image retrieval (same class)",
+    help="image-to-image retrieval: Recall@1/2/4/8 and MAP@R over labelled images",
+    options=ImageRetrievalTaskOptions, run=_run_task,
+    headline=Headline("R@1", ("recall@1",)),
+    metrics=(Metric("recall@1", "R@1"), Metric("recall@2", "R@2", report=False),
+             Metric("recall@4", "R@4", report=False), Metric("recall@8", "R@8", report=False),
+             Metric("map@r", "MAP@R")),
+    recall_curve=recall_curve,
+))

@@ -26,10 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from .context import EvalModel, RunOptions
+from .datasets import NAMED_DATASETS, default_split
+from .options import TaskOptions, option
+from .tasks import Headline, Metric, Task, register
 from .zeroshot import classification_metrics
 
 __all__ = ["LinearProbeOptions", "fit_logistic", "stratified_split", "stratified_subsample", "coarse_to_fine",
-           "linear_probe", "evaluate", "run_linear_probe"]
+           "linear_probe", "evaluate", "run_linear_probe", "LinearProbeTaskOptions", "TASK"]
 
 
 @dataclass
@@ -272,3 +275,60 @@ def run_linear_probe(em: EvalModel, opts: RunOptions, train: str, test: str, *, 
     path = write_result(opts.out_dir, dataset, "linear_probe", metrics, em.info, protocol,
                         fingerprint=model_fingerprint(em.model))
     return path, metrics
+
+
+@dataclass
+class LinearProbeTaskOptions(TaskOptions):
+    """``mmrl eval linear-probe`` flags, the keys of a suite's ``task: linear-probe`` entry (the
+    probe's settings of :class:`LinearProbeOptions` and where its data is)."""
+
+    needs = (("dataset",), ("train", "test"))
+
+    dataset: str | None = option(metavar="NAME", choices=tuple(NAMED_DATASETS),
+                                 help="a named dataset for both splits, read from --root (in a suite: from the "
+                                      "suite's root)")
+    train: str | None = option(metavar="ROOT", path="data", help="training image folder or named dataset")
+    test: str | None = option(metavar="ROOT", path="data", help="test image folder or named dataset")
+    root: str | None = option(suite="root", help="where named datasets live (default datasets/)")
+    train_split: str | None = option(metavar="SPLIT", help="split of a named training dataset (default: its train "
+                                                           "split)")
+    test_split: str | None = option(metavar="SPLIT", help="split of a named test dataset (default: its test split)")
+    name: str | None = option(help="dataset name in the result")
+    features: str = option("pooled", choices=("pooled", "embedding"),
+                           help="pooled = pool output before visual.proj; embedding = normalised encode_image")
+    val_proportion: float = option(0.2, metavar="P", help="validation share of train")
+    probe_seed: int = option(0, metavar="S", help="seed of the validation split and of the train_limit subsample")
+    max_iter: int = option(1000, metavar="N", help="L-BFGS iterations per fit")
+    grid_points: int = option(97, metavar="N", help="regularisation values on the log grid 1e-6 .. 1e2")
+    train_limit: int | None = option(metavar="N", help="probe on a class-stratified subsample of at most N "
+                                                       "training images (drawn before encoding; default: all)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(0 < self.val_proportion < 1, "val_proportion", "a number between 0 and 1")
+        for key in ("max_iter", "grid_points", "train_limit"):
+            value = getattr(self, key)
+            self.require(value is None or value >= 1, key, "a positive integer")
+
+    def probe(self) -> LinearProbeOptions:
+        """The probe's solver settings."""
+        return LinearProbeOptions(features=self.features, val_proportion=self.val_proportion, seed=self.probe_seed,
+                                  max_iter=self.max_iter, grid_points=self.grid_points)
+
+
+def _run_task(em: EvalModel, opts: RunOptions, o: LinearProbeTaskOptions) -> Tuple[Path, Dict[str, float]]:
+    train, test = o.dataset or o.train, o.dataset or o.test
+    return run_linear_probe(em, opts, train, test, root=o.root,
+                            train_split=o.train_split or default_split(train, "train"),
+                            test_split=o.test_split or default_split(test), name=o.name, options=o.probe(),
+                            train_limit=o.train_limit)
+
+
+TASK = register(Task(
+    name="linear-probe", result_task="linear_probe", title="linear probe",
+    help="logistic-regression probe on frozen image features (regularisation swept on a val split)",
+    options=LinearProbeTaskOptions, run=_run_task,
+    headline=Headline("top-1", ("lp_acc1",)),
+    metrics=(Metric("lp_acc1", "top-1"), Metric("lp_acc5", "top-5", report=False),
+             Metric("lp_mean_per_class_recall", "mean per-class recall", report=False)),
+))

@@ -22,6 +22,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from ..progress import progress as progress_bar
+
 __all__ = [
     "TIE_RULE", "chunk_rows", "row_chunks", "first_positive_rank", "TextImageRanks", "text_image_ranks",
     "single_positive_rank", "recall_at", "image_to_image_ranks", "topk_stable",
@@ -172,7 +174,7 @@ def text_image_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, pairs: tor
     best_f, best_row_f = (best.clone(), best_row.clone()) if folds else (None, None)
 
     blocks = list(row_chunks(n_texts, size))
-    bar = _bar(2 * len(blocks), progress)
+    bar = progress_bar(total=2 * len(blocks), desc="ranking", unit="block", enabled=progress, leave=False)
     for a, b in blocks:  # pass 1: caption -> image ranks, best positive caption of each image
         s = text_emb[a:b].to(device) @ images.T
         lo, hi = bounds[a].item(), bounds[b].item()
@@ -240,7 +242,7 @@ def image_to_image_ranks(emb: torch.Tensor, labels: torch.Tensor, *, map_at_r: b
     n_pos = torch.empty(n, dtype=torch.long)
     maps = torch.full((n,), float("nan"), dtype=torch.float64)
     blocks = list(row_chunks(n, size))
-    bar = _bar(len(blocks), progress)
+    bar = progress_bar(total=len(blocks), desc="ranking", unit="block", enabled=progress, leave=False)
     for a, b in blocks:
         s = x[a:b] @ x.T
         rows = torch.arange(a, b, device=device)
@@ -291,19 +293,3 @@ def topk_stable(query: torch.Tensor, cand: torch.Tensor, k: int, *, chunk_size: 
     for a, b in row_chunks(query.shape[0], chunk_size or chunk_rows(query.shape[0], c.shape[0], bytes_per_cell=8)):
         out[a:b] = _stable_topk_block(query[a:b].to(device) @ c.T, k).cpu()
     return out
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, progress: bool):
-    if not progress:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="ranking", unit="block", leave=False)

@@ -17,13 +17,7 @@ from typing import Any, Dict, Optional
 from ..fileio import atomic_write_text
 from .context import ModelInfo
 
-__all__ = ["TASKS", "TASK_OF_COMMAND", "result_path", "write_result", "read_result", "dataset_slug"]
-
-# CLIP_benchmark's task names (and mmrl's image_retrieval, cross_retrieval)
-TASKS = ("zeroshot_retrieval", "zeroshot_classification", "linear_probe", "image_retrieval", "cross_retrieval")
-TASK_OF_COMMAND = {"retrieval": "zeroshot_retrieval", "zeroshot": "zeroshot_classification",
-                   "linear-probe": "linear_probe", "image-retrieval": "image_retrieval",
-                   "cross-retrieval": "cross_retrieval"}
+__all__ = ["result_path", "write_result", "read_result", "dataset_slug"]
 
 
 def dataset_slug(name: str) -> str:
@@ -54,10 +48,15 @@ def _clean(value: Any) -> Any:
 
 def write_result(out_dir: str | os.PathLike, dataset: str, task: str, metrics: Dict[str, Any], model: ModelInfo,
                  protocol: Dict[str, Any], *, fingerprint: Optional[str] = None, language: str = "en") -> Path:
-    """Write one result file atomically and return its path."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    """Write one result file atomically and return its path. ``task`` is the CLIP_benchmark task
+    name of a registered task (:func:`.tasks.task_of_result`: ``zeroshot_retrieval``, ...)."""
     from mmrl import __version__
+
+    from .tasks import task_of_result, tasks
+
+    if task_of_result(task) is None:
+        known = ", ".join(t.result_task for t in tasks().values())
+        raise ValueError(f"unknown task {task!r}; expected one of {known}")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

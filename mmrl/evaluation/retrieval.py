@@ -13,6 +13,7 @@ Scores are cosine similarities of L2-normalised embeddings (no ``logit_scale``),
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,9 +22,12 @@ import torch.nn.functional as F
 
 from .annotations import RetrievalAnnotations, check_counts, read_annotations, resolve_images
 from .context import EvalModel, RunOptions
+from .options import TaskOptions, option
 from .ranking import TIE_RULE, recall_at, text_image_ranks
+from .tasks import Headline, Metric, Task, mean_recall_curve, register
 
-__all__ = ["retrieval_metrics", "caption_pairs", "evaluate", "run_retrieval", "DUPLICATE_MODES"]
+__all__ = ["retrieval_metrics", "caption_pairs", "evaluate", "run_retrieval", "DUPLICATE_MODES",
+           "RetrievalTaskOptions", "TASK"]
 
 DUPLICATE_MODES = ("auto", "own", "shared")
 
@@ -90,16 +94,17 @@ def evaluate(model, dataloader, tokenizer, device, amp: bool = True, recall_k_li
     """CLIP_benchmark's ``zeroshot_retrieval.evaluate`` contract: ``dataloader`` yields
     ``(images, list of caption lists)``; embeddings are computed batch by batch as there, the
     metrics in bounded memory (same numbers as CLIP_benchmark when no scores tie)."""
-    from .features import _autocast, _bar
+    from ..progress import progress as progress_bar
+    from .features import autocast_context
 
     dev = torch.device(device)
     images, texts, owner = [], [], []
     start = 0
-    for batch_images, batch_texts in _bar(dataloader, len(dataloader), "retrieval", progress):
+    for batch_images, batch_texts in progress_bar(dataloader, desc="retrieval", unit="batch", enabled=progress, leave=False):
         tokens = tokenizer([t for caps in batch_texts for t in caps]).to(dev)
         owner.extend(start + i for i, caps in enumerate(batch_texts) for _ in caps)
         start += len(batch_images)
-        with torch.no_grad(), _autocast(dev, amp):
+        with torch.no_grad(), autocast_context(dev, amp):
             images.append(F.normalize(model.encode_image(batch_images.to(dev)), dim=-1).float().cpu())
             texts.append(F.normalize(model.encode_text(tokens), dim=-1).float().cpu())
     return retrieval_metrics(torch.cat(texts), torch.cat(images), owner, recall_k=recall_k_list,
@@ -177,3 +182,60 @@ def parse_ks(values: Optional[Sequence[int]]) -> List[int]:
     if not ks or ks[0] < 1:
         raise ValueError(f"recall K values must be positive integers, got {values}")
     return ks
+
+
+@dataclass
+class RetrievalTaskOptions(TaskOptions):
+    """``mmrl eval retrieval`` flags, the keys of a suite's ``task: retrieval`` entry."""
+
+    needs = (("annotations",),)
+
+    annotations: str | None = option(
+        metavar="FILE", path="data",
+        help="dataset_coco.json / dataset_flickr30k.json (Karpathy), coco_test_karpathy.json, "
+             "flickr30k_test_karpathy.txt, or BLIP's *_test.json; detected by content")
+    images: str | None = option(metavar="ROOT", path="data",
+                                help="folder the annotation's image paths are relative to (default: the file's folder)")
+    split: str = option("test", help="Karpathy split; 'all' for every image")
+    name: str | None = option(help="dataset name in the result (default: from the file)")
+    recall_k: list[int] = option([1, 5, 10], metavar="K", help="recall cut-offs K of R@K")
+    count_check: bool = option(True, help="the check of the image/caption counts of a recognised COCO 5K / "
+                                          "Flickr 1K test file")
+    duplicate_captions: str = option(
+        "auto", choices=DUPLICATE_MODES,
+        help="identical caption texts under several images: 'own' = each caption's positive is its own image "
+             "(CLIP_benchmark), 'shared' = every image with that text is a positive; auto = own for recognised "
+             "COCO/Flickr test files, shared elsewhere")
+    fold_size: int | None = option(metavar="N", help="also report fold-averaged recalls over folds of this many "
+                                                     "images (COCO 5K: 1000, automatic)")
+    eccv: bool = option(True, help="ECCV Caption / CxC metrics (with the eccv-caption package, on COCO 5K ids)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(bool(self.recall_k) and all(k >= 1 for k in self.recall_k), "recall_k", "positive integers")
+        self.require(self.fold_size is None or self.fold_size >= 1, "fold_size", "a positive integer")
+
+
+def _run_task(em: EvalModel, opts: RunOptions, o: RetrievalTaskOptions) -> Tuple[Path, Dict[str, float]]:
+    return run_retrieval(em, opts, o.annotations, images=o.images, split=o.split, name=o.name,
+                         count_check=o.count_check, duplicate_captions=o.duplicate_captions, fold_size=o.fold_size,
+                         eccv=o.eccv, recall_k=parse_ks(o.recall_k))
+
+
+_RECALLS = tuple(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
+
+TASK = register(Task(
+    name="retrieval", result_task="zeroshot_retrieval", title="text-image retrieval",
+    help="image-text retrieval on COCO / Flickr30k-style annotations (Karpathy JSON, COCO captions, CSV)",
+    options=RetrievalTaskOptions, run=_run_task, needs_text=True,
+    headline=Headline("mean R@1/5/10, both directions", _RECALLS),
+    metrics=(Metric("image_retrieval_recall@1", "text→image R@1"),
+             Metric("image_retrieval_recall@5", "text→image R@5"),
+             Metric("image_retrieval_recall@10", "text→image R@10"),
+             Metric("text_retrieval_recall@1", "image→text R@1"),
+             Metric("text_retrieval_recall@5", "image→text R@5"),
+             Metric("text_retrieval_recall@10", "image→text R@10"),
+             Metric("rsum", "rsum (the six R@1/5/10 in %, summed)", report=False),
+             Metric("fold1k_rsum", "rsum, mean over 1K folds", report=False)),
+    recall_curve=lambda m: mean_recall_curve(m, ("image_retrieval_", "text_retrieval_")),
+))

@@ -3,8 +3,9 @@
 Each argument is a folder of result files (``DIR`` or ``LABEL=DIR``). A column's label is
 ``LABEL`` or the folder's name without a trailing seed suffix (``-seed1``, ``_seed2``,
 ``.seed-3``), so ``runs/ggem-seed0 runs/ggem-seed1 runs/avg-seed0`` give the columns ``ggem``
-(mean +- sample std over 2 seeds) and ``avg``. Rows are (dataset, task, metric). Fractions are
-shown in percent; ``rsum`` (already percent) and the probe's regularisation as they are.
+(mean +- sample std over 2 seeds) and ``avg``. Rows are (dataset, task, metric); without a metric
+list, a task's rows are the metrics its registered task declares (:attr:`.tasks.Task.table_metrics`).
+Fractions are shown in percent; ``rsum`` (already percent) and the probe's regularisation as they are.
 """
 from __future__ import annotations
 
@@ -18,18 +19,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .results import read_result
+from .tasks import task_of_result
 
-__all__ = ["DEFAULT_METRICS", "Column", "collect", "build_table", "column_label", "mean_std"]
-
-DEFAULT_METRICS: Dict[str, Tuple[str, ...]] = {
-    "zeroshot_retrieval": ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
-                           "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10", "rsum",
-                           "fold1k_rsum"),
-    "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
-    "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"),
-    "image_retrieval": ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"),
-    "cross_retrieval": ("recall@1", "recall@5", "recall@10", "q2g_recall@1", "g2q_recall@1"),
-}
+__all__ = ["default_metrics", "Column", "collect", "build_table", "column_label", "mean_std"]
 _RAW = re.compile(r"rsum|l2_lambda|^C$")
 _SEED = re.compile(r"[-_.]seed[-_]?\d+$", re.IGNORECASE)
 
@@ -72,6 +64,13 @@ def collect(args: Sequence[str]) -> List[Column]:
     return list(columns.values())
 
 
+def default_metrics(result_task: str) -> Tuple[str, ...]:
+    """The rows a table shows for result files of ``result_task`` without ``--metrics``: the
+    metrics its registered task declares (:attr:`.tasks.Task.table_metrics`; none if unknown)."""
+    task = task_of_result(result_task)
+    return task.table_metrics if task is not None else ()
+
+
 def mean_std(values: List[float]) -> Tuple[float, Optional[float], int]:
     """``(mean, sample std or None for one value, n)`` -- the statistics of a table cell."""
     n = len(values)
@@ -95,7 +94,7 @@ def build_table(columns: List[Column], metrics: Optional[Sequence[str]] = None, 
     rows: List[Tuple[str, str, str]] = []
     for dataset, task in keys:
         present = {m for c in columns for m in c.values.get((dataset, task), {})}
-        wanted = metrics or DEFAULT_METRICS.get(task) or sorted(present)
+        wanted = metrics or default_metrics(task) or sorted(present)
         rows.extend((dataset, task, m) for m in wanted if m in present)
     if not rows:
         raise ValueError("none of the requested metrics is in the result files")

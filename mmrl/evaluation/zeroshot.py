@@ -8,6 +8,7 @@ recall, = scikit-learn's ``balanced_accuracy_score``). Top-K ties are ordered by
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -15,9 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from .context import EvalModel, RunOptions
-from .features import _autocast, _bar, encode_text_groups
+from ..progress import progress as progress_bar
+from .datasets import NAMED_DATASETS, default_split
+from .features import autocast_context, encode_text_groups
+from .options import TaskOptions, option
+from .tasks import Headline, Metric, Task, register
 
-__all__ = ["zero_shot_classifier", "classification_metrics", "evaluate", "run_zeroshot", "true_class_rank"]
+__all__ = ["zero_shot_classifier", "classification_metrics", "evaluate", "run_zeroshot", "true_class_rank",
+           "ZeroshotTaskOptions", "TASK"]
 
 
 def zero_shot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device,
@@ -71,8 +77,8 @@ def evaluate(model, dataloader, tokenizer, classnames: Sequence[str], templates:
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device, amp, progress)
     logits, targets = [], []
     with torch.no_grad():
-        for images, target in _bar(dataloader, len(dataloader), "zero-shot", progress):
-            with _autocast(dev, amp):
+        for images, target in progress_bar(dataloader, desc="zero-shot", unit="batch", enabled=progress, leave=False):
+            with autocast_context(dev, amp):
                 feats = F.normalize(model.encode_image(images.to(dev)), dim=-1)
                 logits.append(_logits(feats, classifier).float().cpu())
             targets.append(torch.as_tensor(target).cpu())
@@ -110,3 +116,40 @@ def run_zeroshot(em: EvalModel, opts: RunOptions, data: str, *, root: Optional[s
     path = write_result(opts.out_dir, cd.name, "zeroshot_classification", metrics, em.info, protocol,
                         fingerprint=model_fingerprint(em.model))
     return path, metrics
+
+
+@dataclass
+class ZeroshotTaskOptions(TaskOptions):
+    """``mmrl eval zeroshot`` flags, the keys of a suite's ``task: zeroshot`` entry."""
+
+    needs = (("dataset",), ("data",))
+
+    dataset: str | None = option(metavar="NAME", choices=tuple(NAMED_DATASETS),
+                                 help="a named dataset, read from --root (in a suite: from the suite's root)")
+    data: str | None = option(metavar="ROOT", path="data",
+                              help="image folder (ROOT/<class>/<image>) or a named dataset (cifar10, imagenet1k, ...)")
+    root: str | None = option(suite="root", help="where named datasets live (default datasets/)")
+    split: str | None = option(help="split of a named dataset (default: its test split)")
+    classnames: str | None = option(metavar="FILE", path="file",
+                                    help="one class name a line, in sorted folder order (default "
+                                         "ROOT/classnames.txt if present)")
+    templates: str | list[str] | None = option(metavar="FILE", path="file",
+                                               help="one template a line with {c} for the class (a suite may "
+                                                    "also give the list itself)")
+    name: str | None = option(help="dataset name in the result")
+
+
+def _run_task(em: EvalModel, opts: RunOptions, o: ZeroshotTaskOptions) -> Tuple[Path, Dict[str, float]]:
+    data = o.dataset or o.data
+    return run_zeroshot(em, opts, data, root=o.root, split=o.split or default_split(data), classnames=o.classnames,
+                        templates=o.templates, name=o.name)
+
+
+TASK = register(Task(
+    name="zeroshot", result_task="zeroshot_classification", title="zero-shot classification",
+    help="zero-shot classification of an image folder or a named dataset",
+    options=ZeroshotTaskOptions, run=_run_task, needs_text=True,
+    headline=Headline("top-1", ("acc1",)),
+    metrics=(Metric("acc1", "top-1"), Metric("acc5", "top-5"),
+             Metric("mean_per_class_recall", "mean per-class recall")),
+))
