@@ -96,7 +96,7 @@ def build_shards(folder: str, n_samples: int, n_shards: int, size: int = 256, qu
         sizes[name] = count
     with open(os.path.join(folder, "sizes.json"), "w") as fh:
         json.dump(sizes, fh)
-    return os.path.join(folder, "{%05d..%05d}.tar" % (0, n_shards - 1))
+    return os.path.join(folder, "{%05d..%05d}.tar" % (0, n_shards - 1))  # noqa: UP031  (brace pattern)
 
 
 def time_batches(batches, n_samples: int, desc: str) -> float:

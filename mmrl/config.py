@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Type, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import yaml
 
@@ -95,7 +96,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``: unknown keys and bad types are errors; then
     ``__post_init__`` / ``validate()`` of the dataclass run its own checks."""
     hints = typing.get_type_hints(cls)
@@ -119,13 +120,13 @@ def from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
     return obj
 
 
-def to_dict(obj: Any) -> Dict[str, Any]:
+def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are YAML scalars."""
-    tree: Dict[str, Any] = {}
+    tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -147,7 +148,7 @@ def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
     return tree
 
 
-def merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``extra`` merged in, nested mappings merged key by key (``extra`` wins)."""
     out = dict(base)
     for key, value in extra.items():
@@ -158,8 +159,8 @@ def merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> T:
-    data: Dict[str, Any] = {}
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

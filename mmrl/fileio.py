@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["TMP_MARK", "temp_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
 

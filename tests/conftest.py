@@ -1,10 +1,27 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the ``slow`` marker (``make test-fast`` runs ``-m "not slow"``).
+
+Slow tests are the multi-process ones (marked where they are defined), the demo's (its module
+is marked) and every test that uses a prepared real corpus (marked here, from its fixtures: the
+corpora are fetched through package clients and prepared once per session).
+"""
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.corpora import prepared
+
+CORPUS_FIXTURES = frozenset({"corpora", "emoji", "tuxpaint", "fashion", "openclipart", "glyphs"})
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process, demo or corpus-preparing test (left out by make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CORPUS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")

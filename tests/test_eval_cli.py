@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import mmrl
-
 from mmrl.cli import main
 from mmrl.evaluation import features as feat_mod
 

@@ -11,7 +11,6 @@ from mmrl.evaluation import RunOptions
 from mmrl.evaluation.context import EvalModel, ModelInfo
 from mmrl.model.factory import create_transforms
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = "red blue green small large round square dog cat bird tree house car boat sun moon".split()

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
 from mmrl.cli import main
 from mmrl.evaluation import RunOptions
 from mmrl.evaluation.context import load_eval_model

@@ -5,9 +5,13 @@ import torch
 
 import mmrl
 from mmrl.evaluation.features import capture_pooled, encode_images
-from mmrl.evaluation.linear_probe import (LinearProbeOptions, coarse_to_fine, fit_logistic, linear_probe,
-                                          stratified_split)
-
+from mmrl.evaluation.linear_probe import (
+    LinearProbeOptions,
+    coarse_to_fine,
+    fit_logistic,
+    linear_probe,
+    stratified_split,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,9 +102,8 @@ def test_pooled_tap_is_the_pool_output_before_the_projection():
 
 def test_dataloader_evaluate_functions():
     """The CLIP_benchmark-style ``evaluate`` entry points of the probe and of image retrieval."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
 
     from mmrl.evaluation import image_retrieval
     from mmrl.evaluation import linear_probe as lp

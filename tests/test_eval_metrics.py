@@ -11,7 +11,6 @@ from mmrl.evaluation.ranking import first_positive_rank, row_chunks, text_image_
 from mmrl.evaluation.retrieval import caption_pairs, retrieval_metrics
 from mmrl.evaluation.zeroshot import classification_metrics
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

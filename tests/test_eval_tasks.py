@@ -12,9 +12,24 @@ import pytest
 import yaml
 
 from mmrl.cli import main
-from mmrl.evaluation import (EntryResult, Headline, Metric, RunOptions, Task, TaskOptions, get_task, load_eval_model,
-                             load_suite, option, read_suite_results, register, run_suite, task_of_result, tasks,
-                             unregister)
+from mmrl.evaluation import (
+    EntryResult,
+    Headline,
+    Metric,
+    RunOptions,
+    Task,
+    TaskOptions,
+    get_task,
+    load_eval_model,
+    load_suite,
+    option,
+    read_suite_results,
+    register,
+    run_suite,
+    task_of_result,
+    tasks,
+    unregister,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

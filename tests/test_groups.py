@@ -117,7 +117,7 @@ def _shards(folder, n_groups=12, per_group=3, n_shards=4):
                     tar.addfile(info, io.BytesIO(data))
         sizes[name] = len(part)
     (folder / "sizes.json").write_text(json.dumps(sizes))
-    return str(folder / ("{00000..%05d}.tar" % (n_shards - 1)))
+    return str(folder / ("{00000..%05d}.tar" % (n_shards - 1)))  # noqa: UP031  (brace pattern)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

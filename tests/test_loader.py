@@ -102,7 +102,7 @@ def write_dataset(folder, shards, sizes=None):
             json.dump({"count": len(samples), "successes": table[name]}, fh)
     with open(os.path.join(folder, "sizes.json"), "w") as fh:
         json.dump(table, fh)
-    return os.path.join(folder, "{%05d..%05d}.tar" % (0, len(shards) - 1))
+    return os.path.join(folder, "{%05d..%05d}.tar" % (0, len(shards) - 1))  # noqa: UP031  (brace pattern)
 
 
 def simple_dataset(folder, n_shards, per_shard, prefix=""):

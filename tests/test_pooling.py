@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mmrl.pooling import GGeM, GeM, ChannelGeM, build_pool, clamp_p, ggem, ggem_reference, list_pools
+from mmrl.pooling import ChannelGeM, GeM, GGeM, build_pool, clamp_p, ggem, ggem_reference, list_pools
 
 IMPLS = {"fused": ggem, "reference": ggem_reference}
 

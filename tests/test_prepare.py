@@ -13,18 +13,16 @@ import shutil
 import tarfile
 import time
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 from PIL import Image
 
+from helpers.corpora import LIMITS, needs_apt  # the session-wide corpora fixtures live in conftest.py
 from mmrl.prepare import RECIPES, prepare
 from mmrl.prepare.common import PrepareError, caption_tokens, evenly_spaced, slug
 
-from helpers.corpora import LIMITS, needs_apt  # the session-wide corpora fixtures live in conftest.py
 
-
-def shard_samples(folder: Path) -> List[dict]:
+def shard_samples(folder: Path) -> list[dict]:
     """Every sample of a shard folder: its .json metadata plus the decoded .txt and image size."""
     samples = []
     for tar_path in sorted(folder.glob("*.tar")):
@@ -40,7 +38,7 @@ def shard_samples(folder: Path) -> List[dict]:
     return samples
 
 
-def check_shards_match_manifest(out: Path, entry: dict) -> List[dict]:
+def check_shards_match_manifest(out: Path, entry: dict) -> list[dict]:
     samples = shard_samples(out / entry["path"])
     sizes = json.loads((out / entry["path"] / "sizes.json").read_text())
     assert len(samples) == entry["samples"] == sum(sizes.values()) > 0
@@ -68,7 +66,7 @@ def check_karpathy(out: Path, entry: dict) -> dict:
     return data
 
 
-def check_imagefolder(out: Path, entry: dict) -> Dict[str, List[Path]]:
+def check_imagefolder(out: Path, entry: dict) -> dict[str, list[Path]]:
     folder = out / entry["path"]
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     names = (folder / "classnames.txt").read_text().splitlines()
@@ -350,7 +348,7 @@ def test_glyphs_shards_captions_and_styles(corpora, glyphs):
     assert {s["name"] for s in glyphs["sources"]} >= {"fonts-dejavu-core", "fonts-liberation",
                                                       "fonts-freefont-ttf", "fonts-urw-base35", "unicodedata"}
     emoji = emoji_codepoints()
-    per_char: Dict[str, set] = {}
+    per_char: dict[str, set] = {}
     for s in samples:
         ch = s["char"]
         assert ch not in emoji and s["codepoint"] == f"{ord(ch):04X}"
@@ -374,8 +372,10 @@ def test_glyph_rendering_filled_outline_and_coverage(corpora, glyphs):
     filled, outline = render_glyph("M", font, "filled"), render_glyph("M", font, "outline")
     for img in (filled, outline):
         assert img.mode == "RGBA" and img.width == img.height
-    ink = lambda img: sum(1 for a, r in zip(img.getchannel("A").tobytes(), img.getchannel("R").tobytes())
-                          if a > 128 and r < 128)
+    def ink(img):
+        return sum(1 for a, r in zip(img.getchannel("A").tobytes(), img.getchannel("R").tobytes())
+                   if a > 128 and r < 128)
+
     assert ink(outline) < 0.7 * ink(filled)  # an outline leaves the inside of the strokes white
     assert outline.getchannel("A").getbbox() is not None
     covered = _covered(font_path)

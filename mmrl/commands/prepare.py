@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .registry import command
 from ..prepare import RECIPES
+from .registry import command
 
 CORPORA = tuple(RECIPES)  # the registry's names (importing it loads no recipe module)
 

@@ -15,7 +15,7 @@ generator, which the loader seeds per batch (same batch for the same step, which
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,11 @@ __all__ = ["AugConfig", "RandomLowResolution", "build_train_transform"]
 
 @dataclass
 class AugConfig:
-    scale: Tuple[float, float] = (0.9, 1.0)      # RandomResizedCrop area range (open_clip's default)
+    scale: tuple[float, float] = (0.9, 1.0)      # RandomResizedCrop area range (open_clip's default)
     grayscale: float = 0.0                       # probability of converting to 3-channel grayscale
     invert: float = 0.0                          # probability of inverting (255 - x)
     low_res: float = 0.0                         # probability of a downsample-upsample round trip
-    low_res_size: Tuple[int, int] = (16, 32)     # side length drawn uniformly from this range
+    low_res_size: tuple[int, int] = (16, 32)     # side length drawn uniformly from this range
 
     def validate(self, prefix: str = "") -> None:
         from ..config import ConfigError
@@ -52,7 +52,7 @@ class RandomLowResolution(torch.nn.Module):
     """With probability ``p``: shrink to a side drawn from ``size`` (shorter side, aspect kept)
     and resize back (bicubic, antialiased) -- the detail lost in a low-resolution photo."""
 
-    def __init__(self, p: float, size: Tuple[int, int] = (16, 32)):
+    def __init__(self, p: float, size: tuple[int, int] = (16, 32)):
         super().__init__()
         self.p, self.size = float(p), (int(size[0]), int(size[1]))
 
@@ -81,7 +81,7 @@ class RandomLowResolution(torch.nn.Module):
         return f"p={self.p}, size={self.size}"
 
 
-def _shrunk(h: int, w: int, side: int) -> Tuple[int, int]:
+def _shrunk(h: int, w: int, side: int) -> tuple[int, int]:
     if min(h, w) <= side:
         return h, w
     if h <= w:

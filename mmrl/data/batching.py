@@ -41,7 +41,8 @@ import io
 import math
 import random
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ _TENSOR_MODES = {InterpolationMode.BILINEAR: "bilinear", InterpolationMode.BICUB
 # --------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------
-def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode to RGB; a JPEG whose sides are both at least twice ``draft_size`` is decoded at
     the smallest DCT scale that keeps both sides >= ``draft_size``."""
     img = Image.open(io.BytesIO(data))
@@ -76,7 +77,7 @@ def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
     return to_rgb(img)
 
 
-def json_captions(sample: dict) -> List[str]:
+def json_captions(sample: dict) -> list[str]:
     """The non-blank strings of a raw sample's json ``captions`` list (``[]`` without one)."""
     captions = sample_json(sample).get("captions")
     if not isinstance(captions, list):
@@ -84,7 +85,7 @@ def json_captions(sample: dict) -> List[str]:
     return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
 
 
-def sample_caption(sample: dict, rng: Optional[random.Random] = None, multi_caption: bool = False) -> Optional[str]:
+def sample_caption(sample: dict, rng: random.Random | None = None, multi_caption: bool = False) -> str | None:
     """The caption of a raw sample, or None when it has none (missing or blank)."""
     if multi_caption:
         captions = json_captions(sample)
@@ -122,7 +123,7 @@ def _uint8_chw(img: Image.Image) -> torch.Tensor:
     return t.permute(2, 0, 1).unsqueeze(0)
 
 
-def _alloc(shape: Tuple[int, ...], shared: bool) -> torch.Tensor:
+def _alloc(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
     """A float32 tensor; in shared memory when it will cross the worker -> main-process queue
     (as torch's ``default_collate`` does), so the DataLoader does not copy it again."""
     if shared:
@@ -134,7 +135,7 @@ def _alloc(shape: Tuple[int, ...], shared: bool) -> torch.Tensor:
     return torch.empty(shape)
 
 
-def _resized_hw(h: int, w: int, size, max_size: Optional[int]) -> Tuple[int, int]:
+def _resized_hw(h: int, w: int, size, max_size: int | None) -> tuple[int, int]:
     """torchvision ``Resize`` output size (int size: the shorter side; pair: exact)."""
     if isinstance(size, int):
         size = [size]
@@ -147,7 +148,7 @@ def _resized_hw(h: int, w: int, size, max_size: Optional[int]) -> Tuple[int, int
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
-def _pair(size) -> Tuple[int, int]:
+def _pair(size) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     size = list(size)
@@ -155,7 +156,7 @@ def _pair(size) -> Tuple[int, int]:
 
 
 def inception_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
-                      rng=random) -> Tuple[int, int, int, int]:
+                      rng=random) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of a random crop with area fraction ~ U(scale) and aspect ratio
     log-uniform in ``ratio`` -- the distribution of torchvision's
     ``RandomResizedCrop.get_params`` (10 tries, then the largest central crop within
@@ -179,7 +180,7 @@ def inception_crop_box(height: int, width: int, scale: Sequence[float], ratio: S
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _tensor_op(t) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+def _tensor_op(t) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The uint8-tensor equivalent of one torchvision geometric step, or None."""
     if isinstance(t, T.RandomResizedCrop) and t.interpolation in _TENSOR_MODES:
         size, mode = _pair(t.size), _TENSOR_MODES[t.interpolation]
@@ -214,7 +215,7 @@ def _is_rgb_convert(t) -> bool:
     return getattr(t, "__name__", "") == "_convert_to_rgb"
 
 
-def _draft_size_for(t) -> Optional[int]:
+def _draft_size_for(t) -> int | None:
     """The decode size a first geometric step allows (None: do not draft)."""
     if isinstance(t, T.RandomResizedCrop):
         min_side = max(_pair(t.size)) / math.sqrt(max(min(t.scale), 1e-6))
@@ -232,7 +233,7 @@ class ImagePlan:
     """
 
     def __init__(self, kind: str, steps: Sequence[Callable], mean=None, std=None,
-                 draft_size: Optional[int] = None, transform: Optional[Callable] = None, rgb_tail: bool = True):
+                 draft_size: int | None = None, transform: Callable | None = None, rgb_tail: bool = True):
         self.kind, self.steps, self.draft_size, self.transform = kind, list(steps), draft_size, transform
         self.rgb_tail = rgb_tail  # the transform converts to RGB right before ToTensor
         if kind != "generic":
@@ -258,7 +259,7 @@ class ImagePlan:
             x = step(x)
         return x[0]
 
-    def collate(self, rows: List[torch.Tensor], shared: bool = False) -> torch.Tensor:
+    def collate(self, rows: list[torch.Tensor], shared: bool = False) -> torch.Tensor:
         shape = tuple(rows[0].shape)
         if any(tuple(r.shape) != shape for r in rows):
             raise ValueError(f"the image transform produced different shapes in one batch "
@@ -271,7 +272,7 @@ class ImagePlan:
         return out
 
 
-def plan_transform(transform: Callable, fast_resize: bool = True, image_size: Optional[int] = None,
+def plan_transform(transform: Callable, fast_resize: bool = True, image_size: int | None = None,
                    draft: bool = True) -> ImagePlan:
     """Analyse ``transform`` (see the module docstring). ``image_size`` is the draft size for
     transforms whose geometry cannot be read (None: no draft decoding for them)."""
@@ -334,9 +335,9 @@ class BatchBuilder:
                                            bad_shards (shards)
     """
 
-    def __init__(self, plan: ImagePlan, tokenizer: Callable[[List[str]], torch.Tensor], batch_size: int, *,
+    def __init__(self, plan: ImagePlan, tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int, *,
                  seed: int, rank: int, stats: StreamStats, multi_caption: bool = False, shared: bool = False,
-                 group_key: Optional[str] = None, group_shared_aug: bool = False):
+                 group_key: str | None = None, group_shared_aug: bool = False):
         self.plan, self.tokenizer, self.batch_size = plan, tokenizer, int(batch_size)
         self.seed, self.rank, self.stats = seed, rank, stats
         self.multi_caption, self.shared = multi_caption, shared
@@ -387,7 +388,7 @@ class BatchBuilder:
         self._rows(samples, step)
         self.stats.take_delta()
 
-    def build(self, samples: Iterator[dict], step: int) -> Dict[str, Any]:
+    def build(self, samples: Iterator[dict], step: int) -> dict[str, Any]:
         rows, captions, keys, groups = self._rows(samples, step)
         image = self.plan.collate(rows, shared=self.shared)
         text = self.tokenizer(captions)

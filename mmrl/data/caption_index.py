@@ -12,8 +12,6 @@ hold at most ``max_samples`` samples: for a web-scale corpus the cache fills as 
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
 from .batching import json_captions, sample_caption
 from .loader import parse_sources
 from .wds_stages import StreamStats, stream_samples
@@ -21,7 +19,7 @@ from .wds_stages import StreamStats, stream_samples
 __all__ = ["shard_captions"]
 
 
-def shard_captions(train: str, multi_caption: bool, max_samples: int) -> Optional[List[str]]:
+def shard_captions(train: str, multi_caption: bool, max_samples: int) -> list[str] | None:
     """The distinct captions of the shards in ``train`` (``::``-joined specs), in first-seen
     order: a sample's json ``captions`` with ``multi_caption`` (its ``.txt`` when it has none),
     else its ``.txt``. ``None`` when a source is remote, a shard's size is unknown, or the

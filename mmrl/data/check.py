@@ -13,7 +13,6 @@ import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from braceexpand import braceexpand
 from PIL import Image
@@ -32,17 +31,17 @@ CAPTION_KEYS = ("txt",)
 class ShardReport:
     path: str
     samples: int = 0           # good samples
-    bad: List[dict] = field(default_factory=list)
-    error: Optional[str] = None  # the tar itself could not be read (fully)
+    bad: list[dict] = field(default_factory=list)
+    error: str | None = None  # the tar itself could not be read (fully)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def expand_shards(spec: str) -> List[str]:
+def expand_shards(spec: str) -> list[str]:
     """A folder (its ``*.tar``), a glob, or a brace pattern; ``::`` joins several."""
-    paths: List[str] = []
+    paths: list[str] = []
     for part in spec.split("::"):
         if os.path.isdir(part):
             paths.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
@@ -63,7 +62,7 @@ def _split_name(name: str):
     return os.path.join(os.path.dirname(name), stem), ext.lower()
 
 
-def _check_sample(key: str, files: Dict[str, bytes]) -> Optional[str]:
+def _check_sample(key: str, files: dict[str, bytes]) -> str | None:
     image_key = next((k for k in IMAGE_KEYS if k in files), None)
     if image_key is None:
         return "missing_image"
@@ -82,8 +81,8 @@ def _check_sample(key: str, files: Dict[str, bytes]) -> Optional[str]:
 
 def check_shard(path: str) -> ShardReport:
     report = ShardReport(path)
-    samples: Dict[str, Dict[str, bytes]] = defaultdict(dict)
-    order: List[str] = []
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    order: list[str] = []
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
@@ -112,12 +111,12 @@ def check_shard(path: str) -> ShardReport:
     return report
 
 
-def check_shards(spec: str, write_sizes_json: bool = True, progress: bool = True) -> List[ShardReport]:
+def check_shards(spec: str, write_sizes_json: bool = True, progress: bool = True) -> list[ShardReport]:
     """Check every shard of ``spec``; writes ``sizes.json`` (good samples) in each shard folder."""
     reports = [check_shard(p) for p in progress_bar(expand_shards(spec), desc="checking shards", unit="shard",
                                                     enabled=progress)]
     if write_sizes_json:
-        by_dir: Dict[str, Dict[str, int]] = defaultdict(dict)
+        by_dir: dict[str, dict[str, int]] = defaultdict(dict)
         for r in reports:
             by_dir[os.path.dirname(os.path.abspath(r.path))][os.path.basename(r.path)] = r.samples
         for folder, sizes in by_dir.items():
@@ -130,7 +129,7 @@ def check_shards(spec: str, write_sizes_json: bool = True, progress: bool = True
     return reports
 
 
-def sizes_from_stats(folder: str | Path) -> Dict[str, int]:
+def sizes_from_stats(folder: str | Path) -> dict[str, int]:
     """``sizes.json`` from the ``*_stats.json`` files (img2dataset's ``successes``), tars unopened."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from PIL import Image, ImageOps
 
@@ -44,7 +43,7 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def encode_image(src: Union[str, Path, bytes], max_size: int = 256, quality: int = 90) -> EncodedImage:
+def encode_image(src: str | Path | bytes, max_size: int = 256, quality: int = 90) -> EncodedImage:
     """Decode ``src`` (path or bytes), orient, flatten, shrink so the longer side is at most
     ``max_size`` (never enlarged) and encode as JPEG. Raises :class:`ImageError`."""
     try:

@@ -64,8 +64,9 @@ import math
 import multiprocessing as mp
 import os
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from braceexpand import braceexpand
@@ -73,8 +74,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batching import BatchBuilder, ImagePlan, plan_transform
 from .wds_stages import (
-    SAMPLE_SKIP_REASONS, LoaderStallError, StreamStats, derive_seed, epoch_passes, group_samples,
-    resampled_shards, shuffle_samples, stream_samples,
+    SAMPLE_SKIP_REASONS,
+    LoaderStallError,
+    StreamStats,
+    derive_seed,
+    epoch_passes,
+    group_samples,
+    resampled_shards,
+    shuffle_samples,
+    stream_samples,
 )
 
 __all__ = [
@@ -89,9 +97,9 @@ class LoaderConfig:
 
     train: str                              # shard specs joined by "::"
     batch_size: int                         # per rank
-    weights: Optional[str] = None           # per-source sample shares, "1::3" (resampled only)
+    weights: str | None = None           # per-source sample shares, "1::3" (resampled only)
     resampled: bool = False                 # sample shards with replacement (infinite stream)
-    num_samples: Optional[int] = None       # epoch length; default: sum of sizes.json
+    num_samples: int | None = None       # epoch length; default: sum of sizes.json
     workers: int = 4                        # DataLoader worker processes per rank (0: in-process)
     seed: int = 0
     shuffle_buffer: int = 5000              # sample shuffle buffer (raw samples), 0/1 = off
@@ -99,13 +107,13 @@ class LoaderConfig:
     resample_segment: int = 128             # resampled: batches per stream between reseeds
     round_up: bool = True                   # num_batches = ceil (True) or floor of samples/global batch
     multi_caption: bool = False             # draw one of json["captions"] instead of txt
-    group_key: Optional[str] = None         # json field naming a sample's group: batches carry "group" ids
+    group_key: str | None = None         # json field naming a sample's group: batches carry "group" ids
     group_size: int = 1                     # > 1: emit samples of one group together, this many at a time
     group_max_pending: int = 4096           # groups held back at most before the oldest goes out incomplete
     group_shared_aug: bool = False          # samples of one group in a batch get the same random augmentation
     fast_resize: bool = True                # torch uint8 resize/crop for torchvision geometry
     draft: bool = True                      # reduced-scale JPEG decoding when larger than the input
-    image_size: Optional[int] = None        # draft size for transforms whose geometry is unknown
+    image_size: int | None = None        # draft size for transforms whose geometry is unknown
     max_consecutive_bad_samples: int = 1000
     max_consecutive_bad_shards: int = 32
     prefetch_factor: int = 2
@@ -122,15 +130,15 @@ class ShardSource:
     (None where ``sizes.json`` is missing or does not list every shard)."""
 
     spec: str
-    shards: List[str]
+    shards: list[str]
     weight: float = 1.0
-    sizes: Optional[List[int]] = None
+    sizes: list[int] | None = None
 
 
-def _expand(spec: str) -> List[str]:
+def _expand(spec: str) -> list[str]:
     if os.path.isdir(spec):
         return sorted(glob.glob(os.path.join(spec, "*.tar")))
-    out: List[str] = []
+    out: list[str] = []
     for item in braceexpand(spec):
         if "://" not in item and not item.startswith("pipe:") and any(c in item for c in "*?["):
             out.extend(sorted(glob.glob(item)))
@@ -139,9 +147,9 @@ def _expand(spec: str) -> List[str]:
     return out
 
 
-def _read_sizes(shards: Sequence[str]) -> Optional[List[int]]:
+def _read_sizes(shards: Sequence[str]) -> list[int] | None:
     """Counts from ``sizes.json`` in the folder of each (local) shard; None if any is unknown."""
-    tables: Dict[str, Optional[dict]] = {}
+    tables: dict[str, dict | None] = {}
     counts = []
     for shard in shards:
         path = shard[len("file:"):] if shard.startswith("file:") else shard
@@ -161,7 +169,7 @@ def _read_sizes(shards: Sequence[str]) -> Optional[List[int]]:
     return counts
 
 
-def parse_sources(train: str, weights: Optional[str] = None) -> List[ShardSource]:
+def parse_sources(train: str, weights: str | None = None) -> list[ShardSource]:
     """Split ``train`` on ``::``, expand each part, attach weights and sizes."""
     specs = [s for s in train.split("::")]
     if any(not s.strip() for s in specs):
@@ -183,9 +191,9 @@ def parse_sources(train: str, weights: Optional[str] = None) -> List[ShardSource
     return sources
 
 
-def shard_weights(sources: Sequence[ShardSource]) -> List[float]:
+def shard_weights(sources: Sequence[ShardSource]) -> list[float]:
     """Per-shard draw weights giving each source its weight's share of the samples."""
-    out: List[float] = []
+    out: list[float] = []
     for src in sources:
         total = sum(src.sizes) if src.sizes else 0
         if total > 0:
@@ -196,7 +204,7 @@ def shard_weights(sources: Sequence[ShardSource]) -> List[float]:
 
 
 def epoch_sizing(num_samples: int, batch_size: int, world_size: int, workers: int,
-                 round_up: bool = True) -> Tuple[int, int]:
+                 round_up: bool = True) -> tuple[int, int]:
     """open_clip's epoch arithmetic -> ``(num_batches per rank, num_samples)``."""
     rnd = math.ceil if round_up else math.floor
     global_batch = batch_size * world_size
@@ -217,7 +225,7 @@ class TrainStream(IterableDataset):
     ``w`` (``start``/``stop`` are read from shared memory at each ``iter``, so persistent
     workers follow the main process from epoch to epoch)."""
 
-    def __init__(self, cfg: LoaderConfig, shards: List[str], weights: Optional[List[float]], plan: ImagePlan,
+    def __init__(self, cfg: LoaderConfig, shards: list[str], weights: list[float] | None, plan: ImagePlan,
                  tokenizer: Callable, *, rank: int, world_size: int, num_batches: int, window):
         super().__init__()
         self.cfg, self.shards, self.weights, self.plan, self.tokenizer = cfg, shards, weights, plan, tokenizer
@@ -225,7 +233,7 @@ class TrainStream(IterableDataset):
         self.num_streams = max(1, cfg.workers)
         self.window = window  # shared int64[2]: start and stop step of the current iteration
 
-    def segment(self, step: int) -> Tuple[int, int, int]:
+    def segment(self, step: int) -> tuple[int, int, int]:
         """``(segment id, index of step's batch in its segment, first step after the segment)``."""
         W = self.num_streams
         if self.cfg.resampled:
@@ -258,7 +266,7 @@ class TrainStream(IterableDataset):
                               stream=stream, num_streams=self.num_streams)
         return itertools.chain.from_iterable(shuffled_and_grouped(stream_samples(urls, stats)) for urls in passes)
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         start, stop = int(self.window[0]), int(self.window[1])
@@ -300,7 +308,7 @@ class TrainLoader:
         self.num_shards = num_shards
         self.step = start_step
         self.epoch = start_step // num_batches
-        self.skipped: Dict[str, int] = {k: 0 for k in SAMPLE_SKIP_REASONS + ("bad_shards",)}
+        self.skipped: dict[str, int] = {k: 0 for k in SAMPLE_SKIP_REASONS + ("bad_shards",)}
         self._window = window
         kwargs = dict(batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=cfg.pin_memory)
         if cfg.workers > 0:
@@ -324,7 +332,7 @@ class TrainLoader:
         if epoch != self.epoch:
             self.epoch, self.step = epoch, epoch * self.num_batches
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         stop = (self.epoch + 1) * self.num_batches
         if self.step >= stop:
             self.epoch = self.step // self.num_batches
@@ -348,7 +356,7 @@ class TrainLoader:
         self.dataloader._iterator = None
 
 
-def make_train_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callable[[List[str]], torch.Tensor], *,
+def make_train_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callable[[list[str]], torch.Tensor], *,
                       rank: int = 0, world_size: int = 1, epoch: int = 0, start_step: int = 0) -> TrainLoader:
     """Build the training loader of ``rank`` positioned at ``start_step`` if given (> 0), else
     at the start of ``epoch``. ``preprocess``: image transform (PIL -> Tensor[3, H, W]);

@@ -28,9 +28,9 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from ..fileio import TMP_MARK, atomic_write_bytes, atomic_write_text, temp_path
 from ..progress import progress as progress_bar
@@ -92,7 +92,7 @@ def _write_shard(task) -> dict:
     name = f"{shard_id:05d}.tar"
     tmp_tar = temp_path(out_dir / name)
     reasons: Counter = Counter()
-    failures: List[dict] = []
+    failures: list[dict] = []
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index, record in enumerate(records):
             key = f"{shard_id:05d}{index:0{key_digits}d}"
@@ -135,14 +135,14 @@ def _write_shard(task) -> dict:
     return {"shard": shard_id, "successes": successes, "reasons": dict(reasons)}
 
 
-def _read_stats(path: Path) -> Optional[dict]:
+def _read_stats(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def _shard_stats(out_dir: Path) -> Dict[str, dict]:
+def _shard_stats(out_dir: Path) -> dict[str, dict]:
     """``{tar name: stats}`` for every ``*_stats.json`` whose tar exists next to it."""
     found = {}
     for stats_path in sorted(out_dir.glob(f"*{STATS_SUFFIX}")):
@@ -155,13 +155,13 @@ def _shard_stats(out_dir: Path) -> Dict[str, dict]:
     return found
 
 
-def _write_sizes(out_dir: Path, stats: Dict[str, dict]) -> Dict[str, int]:
+def _write_sizes(out_dir: Path, stats: dict[str, dict]) -> dict[str, int]:
     sizes = {tar: int(s["successes"]) for tar, s in stats.items()}
     atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, indent=1) + "\n")
     return sizes
 
 
-def write_sizes(out_dir: str | Path) -> Dict[str, int]:
+def write_sizes(out_dir: str | Path) -> dict[str, int]:
     """(Re)write ``sizes.json`` from the ``*_stats.json`` files next to the shards."""
     out_dir = Path(out_dir)
     return _write_sizes(out_dir, _shard_stats(out_dir))
@@ -181,7 +181,7 @@ def build_shards(
     *,
     max_size: int = 256,
     shard_size: int = 10000,
-    workers: Optional[int] = None,
+    workers: int | None = None,
     quality: int = 90,
     progress: bool = True,
     desc: str = "sharding",

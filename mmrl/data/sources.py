@@ -14,8 +14,8 @@ from __future__ import annotations
 import csv
 import json
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Sequence
 
 from .records import ImageTextRecord
 
@@ -42,7 +42,7 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
-def read_table(path: str | Path, image_col: str = "image", caption_col: str = "caption") -> List[ImageTextRecord]:
+def read_table(path: str | Path, image_col: str = "image", caption_col: str = "caption") -> list[ImageTextRecord]:
     """CSV (``,``), TSV (``.tsv``: tab) or parquet; relative image paths resolve against the file's folder."""
     path = Path(path)
     if not path.is_file():
@@ -75,7 +75,7 @@ def read_table(path: str | Path, image_col: str = "image", caption_col: str = "c
     return records
 
 
-def read_folder(root: str | Path) -> List[ImageTextRecord]:
+def read_folder(root: str | Path) -> list[ImageTextRecord]:
     """Images under ``root`` (recursively, sorted) with captions in same-stem ``.txt`` files."""
     root = Path(root)
     if not root.is_dir():
@@ -98,7 +98,7 @@ def _need(obj: dict, key: str, kind, path: Path, where: str):
     return value
 
 
-def read_coco(annotations: str | Path, images_root: str | Path) -> List[ImageTextRecord]:
+def read_coco(annotations: str | Path, images_root: str | Path) -> list[ImageTextRecord]:
     """COCO captions JSON: ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}``.
 
     One record per image (in ``images`` order) holding all its captions.
@@ -107,7 +107,7 @@ def read_coco(annotations: str | Path, images_root: str | Path) -> List[ImageTex
     data = _load_json(path)
     images = _need(data, "images", list, path, "top level")
     anns = _need(data, "annotations", list, path, "top level")
-    captions: "OrderedDict[int, List[str]]" = OrderedDict()
+    captions: OrderedDict[int, list[str]] = OrderedDict()
     files = {}
     for i, img in enumerate(images):
         image_id = _need(img, "id", (int, str), path, f"images[{i}]")
@@ -127,7 +127,7 @@ def read_coco(annotations: str | Path, images_root: str | Path) -> List[ImageTex
     ]
 
 
-def read_karpathy(path: str | Path, images_root: str | Path, splits: Sequence[str] = ("train", "restval")) -> List[ImageTextRecord]:
+def read_karpathy(path: str | Path, images_root: str | Path, splits: Sequence[str] = ("train", "restval")) -> list[ImageTextRecord]:
     """Karpathy split file (``dataset_coco.json``, ``dataset_flickr30k.json``, ...).
 
     Image path: ``images_root / filepath / filename`` (``filepath`` is absent for Flickr).

@@ -47,7 +47,7 @@ import json
 import logging
 import random
 from collections import Counter, deque
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
@@ -137,7 +137,7 @@ class StreamStats:
                 f"(max_consecutive_bad_shards={self.max_bad_shards}); last shards: {list(self.run_shards)}"
                 + (f"; last error: {self.last_error}" if self.last_error else ""))
 
-    def take_delta(self) -> Dict[str, int]:
+    def take_delta(self) -> dict[str, int]:
         delta = {k: v for k, v in self.counts.items() if v}
         self.counts.clear()
         return delta
@@ -157,7 +157,7 @@ class ShardErrorHandler:
         return True
 
 
-def _kept(sources: Iterable[dict], into: List[dict]) -> Iterator[dict]:
+def _kept(sources: Iterable[dict], into: list[dict]) -> Iterator[dict]:
     """``sources`` (webdataset's ``{"url", "stream"}`` dicts), each also appended to ``into``."""
     for source in sources:
         into.append(source)
@@ -172,11 +172,11 @@ def shard_samples(url: str, stats: StreamStats) -> Iterator[dict]:
     open_clip tolerates). Errors are counted, never raised.
     """
     handler = ShardErrorHandler(stats, url)
-    opened: List[dict] = []  # webdataset never closes the file it opens: closed below
+    opened: list[dict] = []  # webdataset never closes the file it opens: closed below
     files = tar_file_expander(_kept(url_opener([{"url": url}], handler=handler), opened), handler=handler,
                               eof_value=None)
     n = 0
-    current: Optional[dict] = None
+    current: dict | None = None
     try:
         for item in files:
             fname = item.get("fname") if isinstance(item, dict) else None
@@ -211,7 +211,7 @@ def stream_samples(urls: Iterable[str], stats: StreamStats) -> Iterator[dict]:
 
 
 def epoch_passes(shards: Sequence[str], *, seed: int, epoch: int, rank: int, world_size: int,
-                 stream: int, num_streams: int) -> Iterator[List[str]]:
+                 stream: int, num_streams: int) -> Iterator[list[str]]:
     """This stream's shards for one epoch, as an endless sequence of passes (lists of shards):
     the first pass is this stream's share of the epoch's shard order, each further pass (the
     "wrap" when the share runs short of the epoch's batch count) reshuffles the same share."""
@@ -228,7 +228,7 @@ def epoch_passes(shards: Sequence[str], *, seed: int, epoch: int, rank: int, wor
         random.Random(derive_seed(seed, "epoch-pass", epoch, rank, stream, n_pass)).shuffle(mine)
 
 
-def resampled_shards(shards: Sequence[str], weights: Optional[Sequence[float]], *, seed: int, rank: int,
+def resampled_shards(shards: Sequence[str], weights: Sequence[float] | None, *, seed: int, rank: int,
                      stream: int, segment: int) -> Iterator[str]:
     """Endless draw of shards with replacement, ``P(shard) ~ weights``."""
     rng = random.Random(derive_seed(seed, "resampled-shards", rank, stream, segment))
@@ -236,7 +236,7 @@ def resampled_shards(shards: Sequence[str], weights: Optional[Sequence[float]], 
     if weights is None:
         while True:
             yield rng.choice(shards)
-    cum: List[float] = []
+    cum: list[float] = []
     total = 0.0
     for w in weights:
         total += w
@@ -253,7 +253,7 @@ def shuffle_samples(samples: Iterable[dict], bufsize: int, initial: int, rng: ra
         yield from samples
         return
     initial = max(1, min(initial, bufsize))
-    buf: List[dict] = []
+    buf: list[dict] = []
     emitted = 0
     for sample in samples:
         buf.append(sample)
@@ -281,7 +281,7 @@ def sample_json(sample: dict) -> dict:
     return sample["__json__"]
 
 
-def sample_group(sample: dict, key: str) -> Optional[str]:
+def sample_group(sample: dict, key: str) -> str | None:
     """The sample's group: field ``key`` of its JSON (a non-empty string or an integer), or None."""
     value = sample_json(sample).get(key)
     if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
@@ -299,7 +299,7 @@ def group_samples(samples: Iterable[dict], key: str, size: int, max_pending: int
     if size <= 1:
         yield from samples
         return
-    pending: Dict[str, List[dict]] = {}  # insertion order = age
+    pending: dict[str, list[dict]] = {}  # insertion order = age
     for sample in samples:
         group = sample_group(sample, key)
         if group is None:

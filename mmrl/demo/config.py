@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..config import ConfigError, from_dict
 
@@ -24,16 +24,16 @@ POOLS = ("tok", "avg", "max", "gem", "ggem", "cgem", "attn")
 
 @dataclass
 class StudyConfig:
-    pools: List[str] = field(default_factory=lambda: ["tok", "avg", "gem", "ggem", "cgem"])
-    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    pools: list[str] = field(default_factory=lambda: ["tok", "avg", "gem", "ggem", "cgem"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out: str = "runs/study"
-    train: Dict[str, Any] = field(default_factory=dict)  # overrides of the demo's train section
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of the demo's train section
     recipe: str = "pinned"                               # "pinned": apply study.train; "demo": the demo's
                                                          # train section as it is (study.train ignored)
-    only: Optional[str] = None                           # evaluate only these suite entries
-    exclude: List[str] = field(default_factory=list)     # ... and not these (task or name substring)
+    only: str | None = None                           # evaluate only these suite entries
+    exclude: list[str] = field(default_factory=list)     # ... and not these (task or name substring)
 
-    def overrides(self) -> Dict[str, Any]:
+    def overrides(self) -> dict[str, Any]:
         """The overrides of the demo's train section that every study run gets."""
         return dict(self.train) if self.recipe == "pinned" else {}
 
@@ -51,25 +51,25 @@ class StudyConfig:
 class DemoConfig:
     root: str = "data"                       # prepared corpora (mmrl prepare NAME --root ROOT)
     out: str = "runs/demo"                   # the run: train/, eval/, plots/, report.md
-    corpora: List[str] = field(default_factory=lambda: ["emoji", "tuxpaint", "fashion-mnist", "glyphs"])
-    train_corpora: List[str] = field(default_factory=lambda: ["emoji", "glyphs"])  # whose train/ shards are trained on
-    prepare_limit: Optional[int] = None      # cap source items per corpus (CI-sized demo); None: all
-    prepare_limits: Dict[str, int] = field(default_factory=dict)  # per-corpus caps (override prepare_limit)
-    train: Dict[str, Any] = field(default_factory=dict)  # TrainConfig keys (data.train, output_dir filled in)
+    corpora: list[str] = field(default_factory=lambda: ["emoji", "tuxpaint", "fashion-mnist", "glyphs"])
+    train_corpora: list[str] = field(default_factory=lambda: ["emoji", "glyphs"])  # whose train/ shards are trained on
+    prepare_limit: int | None = None      # cap source items per corpus (CI-sized demo); None: all
+    prepare_limits: dict[str, int] = field(default_factory=dict)  # per-corpus caps (override prepare_limit)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys (data.train, output_dir filled in)
     suite: str = "eval/suites/demo.yaml"
-    only: Optional[str] = None               # run only suite entries whose name or task contains this
-    baselines: List[str] = field(default_factory=lambda: list(BASELINES))
-    floor_baselines: List[str] = field(default_factory=lambda: ["untrained", "raw-pixels"])  # the floor's; the
+    only: str | None = None               # run only suite entries whose name or task contains this
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    floor_baselines: list[str] = field(default_factory=lambda: ["untrained", "raw-pixels"])  # the floor's; the
                                              # other baselines are reported beside it (gap per set)
-    baseline_exclude: Dict[str, List[str]] = field(
+    baseline_exclude: dict[str, list[str]] = field(
         default_factory=lambda: {"pretrained-init": ["zeroshot", "linear-probe"]})
                                              # suite entries a baseline skips (task, or name substring)
     raw_pixel_size: int = 32
     eval_batch_size: int = 128
     eval_workers: int = 1
     baselines_alongside_training: bool = False  # evaluate the baselines in a second process while the model trains
-    train_threads: Optional[int] = 1         # intra-op CPU threads of `mmrl train` (null: torch's default)
-    baseline_threads: Optional[int] = 1      # ... and of the baselines' process when it runs alongside
+    train_threads: int | None = 1         # intra-op CPU threads of `mmrl train` (null: torch's default)
+    baseline_threads: int | None = 1      # ... and of the baselines' process when it runs alongside
     floor_margin: float = 0.05               # quality floor: trained - best baseline >= this (fraction)
     check_floor: bool = True                 # exit non-zero when the quality floor is not met
     study: StudyConfig = field(default_factory=StudyConfig)
@@ -115,10 +115,10 @@ class DemoConfig:
         # the recipe's keys are checked now, with one placeholder source per training corpus
         self.train_config("::".join(f"/nonexistent/{c}/train" for c in self.train_corpora), "/nonexistent/out")
 
-    def limit_for(self, corpus: str) -> Optional[int]:
+    def limit_for(self, corpus: str) -> int | None:
         return self.prepare_limits.get(corpus, self.prepare_limit)
 
-    def train_config(self, shards: str, output_dir: str | Path, extra: Optional[Dict[str, Any]] = None,
+    def train_config(self, shards: str, output_dir: str | Path, extra: dict[str, Any] | None = None,
                      prefix: str = "train."):
         """The :class:`TrainConfig` of a run: the ``train`` section (+ ``extra``), its data and output."""
         from ..config import merge

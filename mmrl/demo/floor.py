@@ -10,7 +10,6 @@ the trained model's gap to them too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 from ..evaluation import EntryResult, get_task
 
@@ -22,17 +21,17 @@ class FloorCheck:
     task: str
     name: str
     metric: str
-    trained: Optional[float]
-    baselines: Dict[str, float]
+    trained: float | None
+    baselines: dict[str, float]
     margin: float
-    beside: Dict[str, float] = field(default_factory=dict)  # baselines reported beside the floor
+    beside: dict[str, float] = field(default_factory=dict)  # baselines reported beside the floor
 
     @property
-    def best_baseline(self) -> Optional[str]:
+    def best_baseline(self) -> str | None:
         return max(self.baselines, key=self.baselines.get) if self.baselines else None
 
     @property
-    def gap(self) -> Optional[float]:
+    def gap(self) -> float | None:
         if self.trained is None or not self.baselines:
             return None
         return self.trained - max(self.baselines.values())
@@ -42,7 +41,7 @@ class FloorCheck:
         return self.gap is not None and self.gap >= self.margin
 
 
-def _headlines(by_key: Dict[str, Dict[tuple, EntryResult]], key: tuple) -> Dict[str, float]:
+def _headlines(by_key: dict[str, dict[tuple, EntryResult]], key: tuple) -> dict[str, float]:
     values = {}
     for label, entries in by_key.items():
         other = entries.get(key)
@@ -52,8 +51,8 @@ def _headlines(by_key: Dict[str, Dict[tuple, EntryResult]], key: tuple) -> Dict[
     return values
 
 
-def floor_checks(trained: List[EntryResult], baselines: Dict[str, List[EntryResult]], margin: float,
-                 beside: Optional[Dict[str, List[EntryResult]]] = None) -> List[FloorCheck]:
+def floor_checks(trained: list[EntryResult], baselines: dict[str, list[EntryResult]], margin: float,
+                 beside: dict[str, list[EntryResult]] | None = None) -> list[FloorCheck]:
     """One check per ``floor`` entry the trained model was evaluated on, against ``baselines``;
     ``beside``: baselines whose headline values are recorded per set but do not decide the floor."""
     by_key = {label: {e.key: e for e in entries} for label, entries in baselines.items()}

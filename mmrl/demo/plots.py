@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ..deps import require
 from ..fileio import atomic_write_bytes
@@ -37,7 +37,7 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
-def read_log(path: Path) -> List[dict]:
+def read_log(path: Path) -> list[dict]:
     """The records of a training ``log.jsonl`` (lines that do not parse are ignored)."""
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
@@ -66,7 +66,7 @@ def plot_loss(records: Sequence[dict], path: Path, title: str = "training loss")
     return _save(fig, path)
 
 
-def plot_pooling_p(records: Sequence[dict], path: Path, init: Optional[float] = None,
+def plot_pooling_p(records: Sequence[dict], path: Path, init: float | None = None,
                    title: str = "GGeM exponent p per channel group") -> Path:
     """Left: each group's p over training; right: the final p per group (bars), with the
     initial value as a reference line."""
@@ -139,7 +139,7 @@ def plot_recalls(sets: Mapping[str, Mapping[str, Mapping[int, float]]], path: Pa
     return _save(fig, path)
 
 
-def plot_study(metrics: Mapping[str, Mapping[str, Tuple[float, float, int]]], path: Path,
+def plot_study(metrics: Mapping[str, Mapping[str, tuple[float, float, int]]], path: Path,
                title: str = "pooling study: mean +- std over seeds") -> Path:
     """``metrics``: metric label -> pooling -> (mean, std, seeds); one panel per metric with
     error bars of one sample standard deviation."""

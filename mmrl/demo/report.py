@@ -4,8 +4,8 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from ..evaluation import EntryResult, get_task
 from .floor import FloorCheck
@@ -28,7 +28,7 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {device}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def _results_table(labels: Sequence[str], entries: Dict[str, List[EntryResult]]) -> List[str]:
+def _results_table(labels: Sequence[str], entries: dict[str, list[EntryResult]]) -> list[str]:
     head = "| evaluation set | task | metric | " + " | ".join(labels) + " |"
     lines = [head, "|" + "---|" * (3 + len(labels))]
     index = {label: {e.key: e for e in entries.get(label, [])} for label in labels}
@@ -52,7 +52,7 @@ def _set_name(e: EntryResult) -> str:
     return f"{e.name} (training items)" if e.trained_on else e.name
 
 
-def _fit_table(labels: Sequence[str], entries: Dict[str, List[EntryResult]]) -> List[str]:
+def _fit_table(labels: Sequence[str], entries: dict[str, list[EntryResult]]) -> list[str]:
     """Headline metric of the sets of training items, per model: the fit diagnostic."""
     seen = [e for e in entries[labels[0]] if e.trained_on and e.status == "ok"]
     if not seen:
@@ -68,7 +68,7 @@ def _fit_table(labels: Sequence[str], entries: Dict[str, List[EntryResult]]) -> 
     return lines
 
 
-def _floor_table(checks: List[FloorCheck], beside: Sequence[str]) -> List[str]:
+def _floor_table(checks: list[FloorCheck], beside: Sequence[str]) -> list[str]:
     """One row per floor set; the baselines ``beside`` the floor get a column each (value and gap)."""
     head = "| evaluation set | task | metric | trained | best floor baseline | gap | "
     lines = [head + "".join(f"{b} (gap) | " for b in beside) + "verdict |", "|---|---|---|---|---|---|" +
@@ -88,7 +88,7 @@ def _floor_table(checks: List[FloorCheck], beside: Sequence[str]) -> List[str]:
     return lines
 
 
-def _beside_lines(checks: List[FloorCheck], beside: Sequence[str], margin: float) -> List[str]:
+def _beside_lines(checks: list[FloorCheck], beside: Sequence[str], margin: float) -> list[str]:
     """A sentence per baseline beside the floor: on how many floor sets the trained model is ahead by the margin."""
     lines = []
     for b in beside:
@@ -126,10 +126,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def render_report(*, cfg, tcfg, description, summary: dict, records: List[dict], manifests: Dict[str, dict],
-                  entries: Dict[str, List[EntryResult]], checks: List[FloorCheck], plots: Dict[str, Path],
-                  timings: Dict[str, float], out: Path, files: List[Path], train_reused: bool,
-                  measured: Optional[Dict[str, float]] = None) -> str:
+def render_report(*, cfg, tcfg, description, summary: dict, records: list[dict], manifests: dict[str, dict],
+                  entries: dict[str, list[EntryResult]], checks: list[FloorCheck], plots: dict[str, Path],
+                  timings: dict[str, float], out: Path, files: list[Path], train_reused: bool,
+                  measured: dict[str, float] | None = None) -> str:
     """The report's markdown (every section of :data:`SECTIONS`, in order)."""
     labels = ["trained"] + [b for b in cfg.baselines if b in entries]
     floor_labels = [b for b in labels[1:] if b in cfg.floor_baselines]
@@ -207,7 +207,7 @@ def render_report(*, cfg, tcfg, description, summary: dict, records: List[dict],
     return "\n".join(lines) + "\n"
 
 
-def _grouping_lines(tcfg, last: dict) -> List[str]:
+def _grouping_lines(tcfg, last: dict) -> list[str]:
     """The grouped-batch part of the recipe (mmrl.train.group_loss), when there is one."""
     data = tcfg.data
     if not data.group_key:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict
 
 from ..evaluation import get_task
 from ..fileio import atomic_write_text
@@ -15,8 +15,16 @@ from .floor import floor_checks
 from .plots import plot_loss, plot_pooling_p, plot_recalls, read_log
 from .report import render_report
 from .results import recall_curves
-from .steps import (BaselineJob, build_initial, describe_recipe, evaluate, evaluation_done, prepare_corpora,
-                    run_training, train_shards)
+from .steps import (
+    BaselineJob,
+    build_initial,
+    describe_recipe,
+    evaluate,
+    evaluation_done,
+    prepare_corpora,
+    run_training,
+    train_shards,
+)
 
 __all__ = ["run_demo", "DemoOutcome"]
 
@@ -31,7 +39,7 @@ def _log(msg: str) -> None:
 
 def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None] = _log) -> DemoOutcome:
     t_all = time.perf_counter()
-    timings: Dict[str, float] = {}
+    timings: dict[str, float] = {}
     root, out = Path(cfg.root).resolve(), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 

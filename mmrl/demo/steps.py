@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..config import save_config
 from ..evaluation import EntryResult, read_suite_results
@@ -30,7 +30,7 @@ __all__ = ["prepare_corpora", "train_shards", "finished_run", "run_training", "b
 Log = Callable[[str], None]
 
 
-def prepare_corpora(names: List[str], root: Path, limits: Callable[[str], Optional[int]], log: Log) -> Dict[str, dict]:
+def prepare_corpora(names: list[str], root: Path, limits: Callable[[str], int | None], log: Log) -> dict[str, dict]:
     """``mmrl prepare`` each corpus (idempotent: a finished one is reused) with the source-item
     cap ``limits(name)``; name -> manifest."""
     from ..prepare import prepare
@@ -44,7 +44,7 @@ def prepare_corpora(names: List[str], root: Path, limits: Callable[[str], Option
     return out
 
 
-def train_shards(root: Path, corpora: List[str]) -> str:
+def train_shards(root: Path, corpora: list[str]) -> str:
     """The ``data.train`` value for the corpora's ``train/`` shard folders ("::"-joined)."""
     parts = []
     for name in corpora:
@@ -55,7 +55,7 @@ def train_shards(root: Path, corpora: List[str]) -> str:
     return "::".join(parts)
 
 
-def _recipe_matches(out: Path, cfg) -> Optional[bool]:
+def _recipe_matches(out: Path, cfg) -> bool | None:
     """Whether ``out/config.yaml`` (written by ``mmrl train``) is the typed config ``cfg``, ``resume``
     aside; ``None`` when there is no saved config (one that no longer loads -- unreadable, or keys
     this version does not know -- does not match)."""
@@ -73,7 +73,7 @@ def _recipe_matches(out: Path, cfg) -> Optional[bool]:
     return replace(saved, resume=cfg.resume) == cfg
 
 
-def finished_run(cfg) -> Optional[dict]:
+def finished_run(cfg) -> dict | None:
     """The run's summary when ``cfg.output_dir`` holds a finished run of exactly ``cfg``."""
     out = Path(cfg.output_dir)
     try:
@@ -87,11 +87,11 @@ def finished_run(cfg) -> Optional[dict]:
     return summary
 
 
-def _threads_note(threads: Optional[int]) -> str:
+def _threads_note(threads: int | None) -> str:
     return f" ({threads} CPU thread{'s' * (threads > 1)})" if threads else ""
 
 
-def thread_env(threads: Optional[int]) -> Dict[str, str]:
+def thread_env(threads: int | None) -> dict[str, str]:
     """The environment of a child process limited to ``threads`` intra-op CPU threads (None: as is)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if threads is not None:
@@ -99,7 +99,7 @@ def thread_env(threads: Optional[int]) -> Dict[str, str]:
     return env
 
 
-def run_training(cfg, force: bool, log: Log, threads: Optional[int] = None) -> Tuple[dict, bool]:
+def run_training(cfg, force: bool, log: Log, threads: int | None = None) -> tuple[dict, bool]:
     """Train ``cfg`` with ``python -m mmrl train`` (DeepSpeed engine; ``threads`` intra-op CPU
     threads, None: torch's default) unless a finished run of the same config is there;
     ``force`` starts over. Returns the run's summary and whether it was reused (nothing
@@ -176,9 +176,9 @@ def build_initial(cfg, dest: Path, log: Log, *, pretrained: bool) -> Path:
     return dest
 
 
-def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Optional[str], batch_size: int,
+def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: str | None, batch_size: int,
              workers: int, log: Log, force: bool = False, exclude: Sequence[str] = (),
-             progress: bool = True) -> Tuple[List[EntryResult], bool]:
+             progress: bool = True) -> tuple[list[EntryResult], bool]:
     """Run the suite for one model (a saved folder or ``raw-pixels:N``) into ``out_dir``,
     unless the same weights were already evaluated with the same suite and filter. Returns the
     entries' results (read back from the suite summary when reused) and whether they were
@@ -207,7 +207,7 @@ def evaluate(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Op
 _STAMP = Path(".mmrl") / "evaluated.json"  # not beside the result files: `mmrl eval table` reads those
 
 
-def _eval_stamp(spec: str, suite_path: Path, root: Path, only: Optional[str], exclude: Sequence[str]) -> dict:
+def _eval_stamp(spec: str, suite_path: Path, root: Path, only: str | None, exclude: Sequence[str]) -> dict:
     from ..evaluation.raw_pixels import parse_raw_pixels
 
     if not Path(spec).is_dir() and parse_raw_pixels(spec) is None:
@@ -218,7 +218,7 @@ def _eval_stamp(spec: str, suite_path: Path, root: Path, only: Optional[str], ex
             "exclude": list(exclude)}
 
 
-def evaluation_done(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: Optional[str],
+def evaluation_done(spec: str, suite_path: Path, root: Path, out_dir: Path, *, only: str | None,
                     exclude: Sequence[str] = ()) -> bool:
     """Whether ``out_dir`` holds the suite's results for these weights, suite file and filter."""
     stamp = out_dir / _STAMP
@@ -235,9 +235,9 @@ class BaselineJob:
     results land where :func:`evaluate` puts them, so evaluating the same models afterwards
     reuses them."""
 
-    def __init__(self, specs: Dict[str, str], suite_path: Path, root: Path, out_eval: Path, *, only: Optional[str],
-                 batch_size: int, workers: int, force: bool, threads: Optional[int], log_path: Path, log: Log,
-                 excludes: Optional[Dict[str, Sequence[str]]] = None):
+    def __init__(self, specs: dict[str, str], suite_path: Path, root: Path, out_eval: Path, *, only: str | None,
+                 batch_size: int, workers: int, force: bool, threads: int | None, log_path: Path, log: Log,
+                 excludes: dict[str, Sequence[str]] | None = None):
         import multiprocessing as mp
 
         self.log_path, self.timings_path = Path(log_path), Path(log_path).with_suffix(".json")
@@ -253,7 +253,7 @@ class BaselineJob:
         log(f"baselines: evaluating {', '.join(self.labels)} in a second process while the model trains"
             f"{_threads_note(threads)}; its log: {self.log_path}")
 
-    def wait(self, log: Log) -> Dict[str, float]:
+    def wait(self, log: Log) -> dict[str, float]:
         if self.process.is_alive():
             log("baselines: waiting for the second process")
         self.process.join()

@@ -12,9 +12,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
 
 from ..evaluation import EntryResult, get_task
 from ..evaluation.table import build_table, collect, mean_std
@@ -43,7 +43,7 @@ class Stat:
         return self.mean + self.std
 
 
-def _stat(values: List[float]) -> Stat:
+def _stat(values: list[float]) -> Stat:
     mean, std, n = mean_std(values)  # the same statistics as the `mmrl eval table` cells
     return Stat(mean, std or 0.0, n)
 
@@ -53,17 +53,17 @@ def separated(a: Stat, b: Stat) -> bool:
     return a.n > 1 and b.n > 1 and (a.lo > b.hi or b.lo > a.hi)
 
 
-def compare_pools(values: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str, Stat]]:
+def compare_pools(values: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, Stat]]:
     """metric -> pool -> per-seed values  =>  metric -> pool -> Stat."""
     return {m: {p: _stat(v) for p, v in per.items() if v} for m, per in values.items()}
 
 
-def verdict_sentences(stats: Dict[str, Dict[str, Stat]], focus: str = "ggem") -> List[str]:
+def verdict_sentences(stats: dict[str, dict[str, Stat]], focus: str = "ggem") -> list[str]:
     """Sentences written from the numbers: the winner per metric (and whether its lead over the
     runner-up exceeds the seed spread), then ``focus`` against each baseline pooling."""
     out = []
-    wins: Dict[str, int] = {}
-    clear: Dict[str, int] = {}
+    wins: dict[str, int] = {}
+    clear: dict[str, int] = {}
     for metric, per in stats.items():
         ranked = sorted(per.items(), key=lambda kv: kv[1].mean, reverse=True)
         if len(ranked) < 2:
@@ -104,7 +104,7 @@ def verdict_sentences(stats: Dict[str, Dict[str, Stat]], focus: str = "ggem") ->
     return summary + [""] + out
 
 
-def _headline_values(entries: List[EntryResult]) -> Dict[str, float]:
+def _headline_values(entries: list[EntryResult]) -> dict[str, float]:
     """One number per evaluated entry (its headline metric), keyed by a readable label."""
     out = {}
     for e in entries:
@@ -114,7 +114,7 @@ def _headline_values(entries: List[EntryResult]) -> Dict[str, float]:
     return out
 
 
-def learned_p_sentences(finals: Dict[str, List[List[float]]], init: float = 3.0) -> List[str]:
+def learned_p_sentences(finals: dict[str, list[list[float]]], init: float = 3.0) -> list[str]:
     """pool -> each seed's final exponents (one per group) => sentences on how far they moved."""
     out = []
     for pool, runs in finals.items():
@@ -134,7 +134,7 @@ def learned_p_sentences(finals: Dict[str, List[List[float]]], init: float = 3.0)
     return out
 
 
-def _final_p(train_dir: Path) -> List[float]:
+def _final_p(train_dir: Path) -> list[float]:
     from .plots import read_log
 
     log = train_dir / "log.jsonl"
@@ -148,9 +148,9 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     out.mkdir(parents=True, exist_ok=True)
     prepare_corpora(cfg.corpora, root, cfg.limit_for, log)
     shards = train_shards(root, cfg.train_corpora)
-    runs: List[Tuple[str, int, Path]] = []
-    headlines: Dict[str, Dict[str, float]] = {}  # run -> headline metric -> value
-    seconds: Dict[str, float] = {}
+    runs: list[tuple[str, int, Path]] = []
+    headlines: dict[str, dict[str, float]] = {}  # run -> headline metric -> value
+    seconds: dict[str, float] = {}
     total = len(cfg.study.pools) * len(cfg.study.seeds)
     try:
         previous = json.loads((out / "study.json").read_text(encoding="utf-8")).get("seconds", {})
@@ -179,14 +179,14 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     table = build_table(columns)
     atomic_write_text(out / "table.md", table)
     atomic_write_text(out / "table.csv", build_table(columns, fmt="csv"))
-    values: Dict[str, Dict[str, List[float]]] = {}
+    values: dict[str, dict[str, list[float]]] = {}
     for pool, seed, _ in runs:
         for metric, v in headlines[f"{pool}-seed{seed}"].items():
             values.setdefault(metric, {}).setdefault(pool, []).append(v)
     stats = compare_pools(values)
     plot = plot_study({m: {p: (100 * s.mean, 100 * s.std, s.n) for p, s in per.items()} for m, per in stats.items()},
                       out / "study.png")
-    finals: Dict[str, List[List[float]]] = {}
+    finals: dict[str, list[list[float]]] = {}
     for pool, seed, _ in runs:
         if pool in ("gem", "ggem", "cgem"):
             finals.setdefault(pool, []).append(_final_p(out / f"{pool}-seed{seed}" / "train"))

@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 __all__ = [
     "EXPECTED_COUNTS", "RetrievalAnnotations", "read_annotations", "resolve_images", "check_counts",
@@ -34,7 +34,7 @@ __all__ = [
 
 # (images, captions) of the standard test splits (CLIP_benchmark#7/#48: count all captions,
 # use the Karpathy test split)
-EXPECTED_COUNTS: Dict[str, Tuple[int, int]] = {
+EXPECTED_COUNTS: dict[str, tuple[int, int]] = {
     "coco-5k": (5000, 25010),
     "flickr30k-1k": (1000, 5000),
     "flickr8k-1k": (1000, 5000),
@@ -65,15 +65,15 @@ class RetrievalAnnotations:
     path: Path
     format: str
     name: str
-    split: Optional[str]
-    images: List[str]
-    captions: List[str]
-    caption_image: List[int]
-    image_ids: List[Any] = field(default_factory=list)
-    caption_ids: Optional[List[Any]] = None
-    benchmark: Optional[str] = None
+    split: str | None
+    images: list[str]
+    captions: list[str]
+    caption_image: list[int]
+    image_ids: list[Any] = field(default_factory=list)
+    caption_ids: list[Any] | None = None
+    benchmark: str | None = None
     coco_caption_ids: bool = False  # caption_ids are COCO annotation ids (eccv_caption / CxC)
-    image_dirs: List[str] = field(default_factory=list)  # alternative sub-folders to look in
+    image_dirs: list[str] = field(default_factory=list)  # alternative sub-folders to look in
 
     @property
     def n_images(self) -> int:
@@ -83,7 +83,7 @@ class RetrievalAnnotations:
     def n_captions(self) -> int:
         return len(self.captions)
 
-    def captions_per_image(self) -> Tuple[int, int]:
+    def captions_per_image(self) -> tuple[int, int]:
         counts = [0] * self.n_images
         for i in self.caption_image:
             counts[i] += 1
@@ -94,7 +94,7 @@ def _fail(path: Path, problem: str) -> AnnotationError:
     return AnnotationError(f"{path}: {problem}")
 
 
-def read_annotations(path: str | Path, split: Optional[str] = "test", name: Optional[str] = None) -> RetrievalAnnotations:
+def read_annotations(path: str | Path, split: str | None = "test", name: str | None = None) -> RetrievalAnnotations:
     """Parse ``path`` (format detected from its content). ``split`` selects the Karpathy split
     (``None`` or ``"all"``: every image); the other formats are already one split."""
     path = Path(path)
@@ -137,7 +137,7 @@ def _req(path: Path, obj: Any, key: str, where: str) -> Any:
     return obj[key]
 
 
-def _karpathy(path: Path, data: Dict[str, Any], split: Optional[str]) -> RetrievalAnnotations:
+def _karpathy(path: Path, data: dict[str, Any], split: str | None) -> RetrievalAnnotations:
     dataset = str(data.get("dataset") or path.stem)
     images, captions, owner, image_ids, caption_ids = [], [], [], [], []
     splits = set()
@@ -172,7 +172,7 @@ def _karpathy(path: Path, data: Dict[str, Any], split: Optional[str]) -> Retriev
                                 caption_ids, benchmark, image_dirs=[""])
 
 
-def _coco(path: Path, data: Dict[str, Any]) -> RetrievalAnnotations:
+def _coco(path: Path, data: dict[str, Any]) -> RetrievalAnnotations:
     images, image_ids, index = [], [], {}
     for n, im in enumerate(data["images"]):
         image_id = _req(path, im, "id", f"images[{n}]")
@@ -181,7 +181,7 @@ def _coco(path: Path, data: Dict[str, Any]) -> RetrievalAnnotations:
             raise _fail(path, f"images[{n}]: duplicate image id {image_id!r}")
         index[image_id] = n
         image_ids.append(image_id)
-    per_image: List[List[Tuple[Any, str]]] = [[] for _ in images]
+    per_image: list[list[tuple[Any, str]]] = [[] for _ in images]
     for n, ann in enumerate(data["annotations"]):
         image_id = _req(path, ann, "image_id", f"annotations[{n}]")
         caption = _req(path, ann, "caption", f"annotations[{n}]")
@@ -204,8 +204,8 @@ def _coco(path: Path, data: Dict[str, Any]) -> RetrievalAnnotations:
                                 caption_ids, benchmark, coco_caption_ids=coco_ids, image_dirs=["", "val2014"])
 
 
-def _blip(path: Path, data: List[Any]) -> RetrievalAnnotations:
-    index: "OrderedDict[str, int]" = OrderedDict()
+def _blip(path: Path, data: list[Any]) -> RetrievalAnnotations:
+    index: OrderedDict[str, int] = OrderedDict()
     captions, owner = [], []
     for n, item in enumerate(data):
         image = _req(path, item, "image", f"[{n}]")
@@ -228,7 +228,7 @@ def _csv(path: Path, text: str) -> RetrievalAnnotations:
     header = [h.strip().lower() for h in next(csv.reader([lines[0]]))] if lines else []
     if header != ["image", "caption"]:
         raise _fail(path, "unrecognised format: not JSON, and the first line is not the CSV header 'image,caption'")
-    index: "OrderedDict[str, int]" = OrderedDict()
+    index: OrderedDict[str, int] = OrderedDict()
     captions, owner = [], []
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -253,7 +253,7 @@ def _csv(path: Path, text: str) -> RetrievalAnnotations:
                                 benchmark, image_dirs=[""])
 
 
-def check_counts(ann: RetrievalAnnotations) -> Optional[str]:
+def check_counts(ann: RetrievalAnnotations) -> str | None:
     """Raise if a recognised standard test set has the wrong number of images or captions;
     return a description of the check (``None`` for files that are not recognised)."""
     if ann.benchmark is None:
@@ -267,7 +267,7 @@ def check_counts(ann: RetrievalAnnotations) -> Optional[str]:
     return f"{ann.benchmark}: {want_images:,} images / {want_captions:,} captions (asserted)"
 
 
-def resolve_images(ann: RetrievalAnnotations, root: Optional[str | Path] = None) -> List[Path]:
+def resolve_images(ann: RetrievalAnnotations, root: str | Path | None = None) -> list[Path]:
     """Absolute image paths: under ``root`` (default: the annotation file's folder), also
     trying the format's usual sub-folders (``val2014/`` for COCO captions, as CLIP_benchmark
     lays it out). Raises ``FileNotFoundError`` naming the file and the first missing image."""

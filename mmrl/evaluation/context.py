@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -21,11 +21,11 @@ class ModelInfo:
 
     model: str
     pretrained: str
-    pool: Optional[str]
+    pool: str | None
     source: str  # "saved" | "random-init" | "raw-pixels"
     key: str     # identity used for the feature cache file names
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -52,9 +52,9 @@ class RunOptions:
     device: str = field(default_factory=default_device)
     batch_size: int = 64
     num_workers: int = 0
-    amp: Optional[bool] = None
+    amp: bool | None = None
     progress: bool = True
-    cache_dir: Optional[Path] = None
+    cache_dir: Path | None = None
     out_dir: Path = Path("results")
 
     def __post_init__(self) -> None:
@@ -66,7 +66,7 @@ class RunOptions:
         self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
 
 
-def load_eval_model(spec: str, pool: Optional[str] = None, *, seed: int = 0, device: str = "cpu") -> EvalModel:
+def load_eval_model(spec: str, pool: str | None = None, *, seed: int = 0, device: str = "cpu") -> EvalModel:
     """``spec`` is ``raw-pixels`` / ``raw-pixels:SIZE`` (the pixel baseline of
     :mod:`.raw_pixels`; a reserved name, checked before folders), a folder written by
     :func:`mmrl.save_model`, or an architecture name (``mmrl.list_models()``), created with
@@ -74,7 +74,8 @@ def load_eval_model(spec: str, pool: Optional[str] = None, *, seed: int = 0, dev
     import mmrl
     from mmrl.model.factory import create_transforms
 
-    from .raw_pixels import NAME as RAW, load_raw_pixels, parse_raw_pixels
+    from .raw_pixels import NAME as RAW
+    from .raw_pixels import load_raw_pixels, parse_raw_pixels
 
     size = parse_raw_pixels(spec)
     if size is not None:

@@ -19,9 +19,9 @@ queries as rows and the gallery as columns, so both directions read the same sco
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +43,12 @@ class IdentityImages:
     """The images of a folder (sorted by file name) and the identity of each."""
 
     folder: Path
-    paths: List[Path]
-    ids: List[str]
+    paths: list[Path]
+    ids: list[str]
     ids_source: str  # "file stem" or the labels file
 
 
-def _labels_entries(path: Path) -> List[dict]:
+def _labels_entries(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
@@ -81,7 +81,7 @@ def read_identity_folder(folder: str | Path) -> IdentityImages:
     return IdentityImages(folder, paths, [concept[p.name] for p in paths], str(labels))
 
 
-def overlap(query_ids: Sequence[Hashable], gallery_ids: Sequence[Hashable]) -> Tuple[List[int], List[int], List]:
+def overlap(query_ids: Sequence[Hashable], gallery_ids: Sequence[Hashable]) -> tuple[list[int], list[int], list]:
     """``(query rows, gallery rows, shared identities)``: the items whose identity is in both
     lists (rows in their original order; identities sorted by first query appearance)."""
     shared = set(query_ids) & set(gallery_ids)
@@ -93,8 +93,8 @@ def overlap(query_ids: Sequence[Hashable], gallery_ids: Sequence[Hashable]) -> T
 
 def cross_retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, query_ids: Sequence[Hashable],
                             gallery_ids: Sequence[Hashable], recall_k: Sequence[int] = RECALL_K, *,
-                            chunk_size: Optional[int] = None, device: str | torch.device = "cpu",
-                            progress: bool = False) -> Tuple[Dict[str, float], Dict[str, int]]:
+                            chunk_size: int | None = None, device: str | torch.device = "cpu",
+                            progress: bool = False) -> tuple[dict[str, float], dict[str, int]]:
     """``(metrics, counts)`` from L2-normalised ``query`` ``[Q, D]`` / ``gallery`` ``[G, D]``
     features and their identities; items whose identity is not on the other side are left out
     (``counts``: shared identities, images used and left out on each side)."""
@@ -106,13 +106,13 @@ def cross_retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, query_id
                          f"({len(gallery_ids)} images): nothing to retrieve")
     qid = [query_ids[i] for i in q]
     code = {k: n for n, k in enumerate(shared)}
-    by_identity: Dict[int, List[int]] = {}
+    by_identity: dict[int, list[int]] = {}
     for col, i in enumerate(g):
         by_identity.setdefault(code[gallery_ids[i]], []).append(col)
     pairs = torch.tensor([(row, col) for row, k in enumerate(qid) for col in by_identity[code[k]]],
                          dtype=torch.long)
     ranks = text_image_ranks(query[q], gallery[g], pairs, chunk_size=chunk_size, device=device, progress=progress)
-    metrics: Dict[str, float] = {}
+    metrics: dict[str, float] = {}
     for k in recall_k:
         q2g = (ranks.t2i < k).double().mean().item()
         g2q = (ranks.i2t < k).double().mean().item()
@@ -123,7 +123,7 @@ def cross_retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, query_id
 
 
 def evaluate(model, query_loader, gallery_loader, device, amp: bool = False, recall_k: Sequence[int] = RECALL_K,
-             progress: bool = False) -> Dict[str, float]:
+             progress: bool = False) -> dict[str, float]:
     """CLIP_benchmark-style ``evaluate`` for two ``(images, identities)`` loaders."""
     from .features import encode_images
 
@@ -148,8 +148,8 @@ def _folder_label(folder: Path) -> str:
 
 
 def run_cross_retrieval(em: EvalModel, opts: RunOptions, query: str | Path, gallery: str | Path, *,
-                        root: Optional[str | Path] = None, name: Optional[str] = None,
-                        recall_k: Sequence[int] = RECALL_K) -> Tuple[Path, Dict[str, float]]:
+                        root: str | Path | None = None, name: str | None = None,
+                        recall_k: Sequence[int] = RECALL_K) -> tuple[Path, dict[str, float]]:
     """``mmrl eval cross-retrieval``: two image folders (relative to ``root`` if given),
     cached ``encode_image`` features, ``<name>_cross_retrieval.json``."""
     from .datasets import ImageListDataset
@@ -204,7 +204,7 @@ class CrossRetrievalTaskOptions(TaskOptions):
         self.require(bool(self.recall_k) and all(k >= 1 for k in self.recall_k), "recall_k", "positive integers")
 
 
-def _run_task(em: EvalModel, opts: RunOptions, o: CrossRetrievalTaskOptions) -> Tuple[Path, Dict[str, float]]:
+def _run_task(em: EvalModel, opts: RunOptions, o: CrossRetrievalTaskOptions) -> tuple[Path, dict[str, float]]:
     from .retrieval import parse_ks
 
     return run_cross_retrieval(em, opts, o.query, o.gallery, root=o.root, name=o.name, recall_k=parse_ks(o.recall_k))

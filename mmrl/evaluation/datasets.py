@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from PIL import Image
@@ -52,7 +53,7 @@ def _load_rgb(path: Path) -> Image.Image:
 class ImageListDataset(Dataset):
     """``(transform(image), index)`` for a list of image files (retrieval image sets)."""
 
-    def __init__(self, paths: Sequence[Path], transform: Optional[Callable] = None):
+    def __init__(self, paths: Sequence[Path], transform: Callable | None = None):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
 
@@ -67,7 +68,7 @@ class ImageListDataset(Dataset):
         return str(self.paths[i])
 
 
-def image_folder(root: str | Path, transform: Optional[Callable] = None):
+def image_folder(root: str | Path, transform: Callable | None = None):
     """``torchvision.datasets.ImageFolder`` over ``root`` with clear errors for bad layouts."""
     from torchvision.datasets import ImageFolder
 
@@ -82,7 +83,7 @@ def image_folder(root: str | Path, transform: Optional[Callable] = None):
         raise ValueError(f"{root}: not an image-folder dataset ({err})") from err
 
 
-def read_classnames_file(path: str | Path, n_classes: Optional[int] = None) -> List[str]:
+def read_classnames_file(path: str | Path, n_classes: int | None = None) -> list[str]:
     """One class name per line (blank lines ignored); checked against ``n_classes``."""
     path = Path(path)
     if not path.is_file():
@@ -115,12 +116,12 @@ class NamedDataset:
     name: str
     kind: str
     layout: str
-    splits: Tuple[str, str] = ("train", "test")
+    splits: tuple[str, str] = ("train", "test")
     folder: str = ""
-    build: Optional[Callable[[Path, str, Optional[Callable]], Any]] = None
-    classnames: Optional[str] = None
-    templates: Optional[str] = None
-    clean: Optional[Callable[[str], str]] = None
+    build: Callable[[Path, str, Callable | None], Any] | None = None
+    classnames: str | None = None
+    templates: str | None = None
+    clean: Callable[[str], str] | None = None
 
 
 def _tv(cls_name: str, **fixed):
@@ -145,7 +146,7 @@ def _clevr(root: Path, split: str, transform):
                                target_transform=lambda count: count - 3)
 
 
-NAMED_DATASETS: Dict[str, NamedDataset] = {d.name: d for d in [
+NAMED_DATASETS: dict[str, NamedDataset] = {d.name: d for d in [
     NamedDataset("cifar10", "torchvision", "ROOT/cifar-10-batches-py/ (cifar-10-python.tar.gz, extracted)",
                  build=_tv("CIFAR10"), templates="cifar10"),
     NamedDataset("cifar100", "torchvision", "ROOT/cifar-100-python/ (cifar-100-python.tar.gz, extracted)",
@@ -180,7 +181,7 @@ NAMED_DATASETS: Dict[str, NamedDataset] = {d.name: d for d in [
 ]}
 
 
-def build_named(name: str, root: str | Path, split: str, transform: Optional[Callable] = None):
+def build_named(name: str, root: str | Path, split: str, transform: Callable | None = None):
     """Split ``split`` of named dataset ``name`` under ``root`` (never downloads)."""
     spec = NAMED_DATASETS.get(name)
     if spec is None:
@@ -209,7 +210,7 @@ def default_split(data: str, role: str = "test") -> str:
     return spec.splits[0] if role == "train" else spec.splits[1]
 
 
-def _base_classes(ds) -> Optional[List[str]]:
+def _base_classes(ds) -> list[str] | None:
     classes = getattr(ds, "classes", None)
     return list(classes) if classes else None
 
@@ -219,16 +220,16 @@ class ClassificationData:
     """A classification split with its class names and where they came from."""
 
     dataset: Any
-    classnames: List[str]
+    classnames: list[str]
     classnames_source: str
-    templates_key: Optional[str]
+    templates_key: str | None
     name: str
     root: str
     split: str
 
 
-def classification_data(data: str, split: str, transform: Optional[Callable] = None, *, root: Optional[str] = None,
-                        classnames_file: Optional[str] = None, name: Optional[str] = None) -> ClassificationData:
+def classification_data(data: str, split: str, transform: Callable | None = None, *, root: str | None = None,
+                        classnames_file: str | None = None, name: str | None = None) -> ClassificationData:
     """Resolve ``data`` -- an image-folder path or a named dataset (under ``root``, default
     ``datasets``) -- to split ``split`` with class names. Class names come from
     ``classnames_file`` if given, else the folder's ``classnames.txt``, else (named datasets)
@@ -274,7 +275,7 @@ class Subsample(Dataset):
     """Items ``indices`` of ``base``, in that order (a train subsample); ``targets`` are the
     base's labels of those items, and its fingerprint is the base's plus the indices."""
 
-    def __init__(self, base, indices: Sequence[int], targets: Optional[Sequence[int]] = None):
+    def __init__(self, base, indices: Sequence[int], targets: Sequence[int] | None = None):
         self.base = base
         self.indices = [int(i) for i in indices]
         self.targets = list(targets) if targets is not None else None
@@ -325,7 +326,7 @@ def describe_item(ds, i: int) -> str:
     return f"{type(ds).__name__} item {i}"
 
 
-def labels_of(ds) -> Optional[torch.Tensor]:
+def labels_of(ds) -> torch.Tensor | None:
     """Integer labels without loading images, where the dataset exposes them."""
     for attr in ("targets", "_labels", "labels"):
         values = getattr(ds, attr, None)

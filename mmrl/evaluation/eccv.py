@@ -10,8 +10,6 @@ which mmrl computes itself).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import torch
 
 from .annotations import RetrievalAnnotations
@@ -24,7 +22,7 @@ TARGET_METRICS = ("eccv_r1", "eccv_map_at_r", "eccv_rprecision", "cxc_recalls")
 
 
 def eccv_metrics(ann: RetrievalAnnotations, text_emb: torch.Tensor, image_emb: torch.Tensor, *,
-                 device: str = "cpu") -> Tuple[Dict[str, float], str]:
+                 device: str = "cpu") -> tuple[dict[str, float], str]:
     """``(metrics, note)``; metrics are empty and the note says why when they do not apply.
     Names: ``eccv_map_at_r_i2t`` / ``_t2i``, ``eccv_rprecision_*``, ``eccv_r1_*``, ``cxc_r{1,5,10}_*``
     (``i2t`` = image-to-text = text retrieval)."""

@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,8 @@ class ImageFeatures:
     """Raw (unnormalised) features of a dataset, in dataset order."""
 
     embedding: torch.Tensor
-    pooled: Optional[torch.Tensor]
-    targets: Optional[torch.Tensor]
+    pooled: torch.Tensor | None
+    targets: torch.Tensor | None
 
     def get(self, tap: str, normalize: bool) -> torch.Tensor:
         if tap not in ("embedding", "pooled"):
@@ -71,7 +72,7 @@ def capture_pooled(model: torch.nn.Module):
     if visual is None or not hasattr(visual, "_pool") or "_pool" in vars(visual):
         yield None
         return
-    store: List[torch.Tensor] = []
+    store: list[torch.Tensor] = []
     original = visual._pool
 
     def _pool(x):
@@ -99,7 +100,7 @@ def encode_images(model, images: torch.Tensor, device: torch.device, amp: bool):
     return emb.float().cpu(), pooled
 
 
-_MEMO: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_MEMO: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -126,12 +127,12 @@ class FeatureCache:
     def __init__(self, root: os.PathLike | str):
         self.root = Path(root)
 
-    def path(self, label: str, identity: Dict[str, Any]) -> Path:
+    def path(self, label: str, identity: dict[str, Any]) -> Path:
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:80]
         return self.root / f"{safe}-{key}.safetensors"
 
-    def load(self, path: Path, fingerprint: str) -> Optional[Dict[str, torch.Tensor]]:
+    def load(self, path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
         if not path.is_file():
             return None
         from safetensors import safe_open
@@ -146,7 +147,7 @@ class FeatureCache:
         except Exception:  # noqa: BLE001 - a corrupt cache file is recomputed, never fatal
             return None
 
-    def save(self, path: Path, tensors: Dict[str, torch.Tensor], fingerprint: str, meta: Dict[str, str]) -> None:
+    def save(self, path: Path, tensors: dict[str, torch.Tensor], fingerprint: str, meta: dict[str, str]) -> None:
         from safetensors.torch import save_file
 
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
@@ -186,9 +187,9 @@ def make_loader(ds, batch_size: int, num_workers: int) -> DataLoader:
 
 def _compute_image_features(model, ds, *, batch_size: int, num_workers: int, device: torch.device, amp: bool,
                             progress: bool, desc: str) -> ImageFeatures:
-    embs: List[torch.Tensor] = []
-    pooled: List[torch.Tensor] = []
-    targets: List[torch.Tensor] = []
+    embs: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
     loader = make_loader(ds, batch_size, num_workers)
     for images, y, errors in progress_bar(loader, desc=desc, unit="batch", enabled=progress, leave=False):
         if errors:
@@ -215,8 +216,8 @@ def _param_dtype(model: torch.nn.Module) -> str:
 
 
 def extract_image_features(model, ds, *, device: str = "cpu", amp: bool = False, batch_size: int = 64,
-                           num_workers: int = 0, progress: bool = True, cache_dir: Optional[Path] = None,
-                           model_key: Optional[str] = None, label: str = "images") -> ImageFeatures:
+                           num_workers: int = 0, progress: bool = True, cache_dir: Path | None = None,
+                           model_key: str | None = None, label: str = "images") -> ImageFeatures:
     """Embeddings, pooled features and targets of every item of ``ds``, cached in
     ``cache_dir`` (``None``: no cache) per (``model_key``, dataset files, transform, options)."""
     dev = torch.device(device)
@@ -269,7 +270,7 @@ def trim_padding(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def _encode_texts(model, tokenizer, texts: Sequence[str], device: torch.device, amp: bool, batch_size: int,
                   progress: bool, desc: str) -> torch.Tensor:
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     starts = range(0, len(texts), batch_size)
     for a in progress_bar(starts, desc=desc, unit="batch", enabled=progress, leave=False):
         tokens = trim_padding(model, tokenizer(list(texts[a:a + batch_size]))).to(device)
@@ -279,8 +280,8 @@ def _encode_texts(model, tokenizer, texts: Sequence[str], device: torch.device, 
 
 
 def extract_text_features(model, tokenizer, texts: Sequence[str], *, device: str = "cpu", amp: bool = False,
-                          batch_size: int = 256, progress: bool = True, cache_dir: Optional[Path] = None,
-                          model_key: Optional[str] = None, label: str = "texts") -> torch.Tensor:
+                          batch_size: int = 256, progress: bool = True, cache_dir: Path | None = None,
+                          model_key: str | None = None, label: str = "texts") -> torch.Tensor:
     """Raw ``encode_text`` outputs of ``texts`` (in order), cached like image features. The cache
     file is named by what it holds, not by ``label`` (kept in its metadata): evaluation sets that
     share their captions -- one concept list drawn in several styles -- share one file."""
@@ -320,7 +321,7 @@ def encode_text_groups(model, tokenizer, groups: Sequence[Sequence[str]], device
     return torch.stack(out)
 
 
-def labelled_image_features(em, cd, split: str, data, opts, label: Optional[str] = None) -> "ImageFeatures":
+def labelled_image_features(em, cd, split: str, data, opts, label: str | None = None) -> ImageFeatures:
     """Features of a labelled classification split (``cd`` from ``classification_data``) for the
     evaluated model ``em`` with the run options ``opts``; an unlabelled split is an error.
     ``label`` names the cache file (default ``{dataset}-{split}``)."""

@@ -8,9 +8,9 @@ have no positive and are left out of both metrics (their number is reported).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ RECALL_K = (1, 2, 4, 8)
 
 
 def image_retrieval_metrics(features: torch.Tensor, labels: torch.Tensor, recall_k: Sequence[int] = RECALL_K, *,
-                            chunk_size: Optional[int] = None, device: str | torch.device = "cpu",
-                            progress: bool = False) -> Tuple[Dict[str, float], Dict[str, int]]:
+                            chunk_size: int | None = None, device: str | torch.device = "cpu",
+                            progress: bool = False) -> tuple[dict[str, float], dict[str, int]]:
     """``(metrics, counts)`` from L2-normalised ``features`` ``[N, D]`` and integer ``labels``."""
     ranks, n_pos, maps = image_to_image_ranks(features, labels, chunk_size=chunk_size, device=device,
                                               progress=progress)
@@ -42,7 +42,7 @@ def image_retrieval_metrics(features: torch.Tensor, labels: torch.Tensor, recall
 
 
 def evaluate(model, dataloader, device, amp: bool = False, recall_k: Sequence[int] = RECALL_K,
-             features: str = "embedding", progress: bool = True) -> Dict[str, float]:
+             features: str = "embedding", progress: bool = True) -> dict[str, float]:
     """``evaluate(model, dataloader, device)`` for ``(images, labels)`` loaders."""
     from .features import encode_images
 
@@ -57,9 +57,9 @@ def evaluate(model, dataloader, device, amp: bool = False, recall_k: Sequence[in
     return image_retrieval_metrics(x, torch.cat(ys), recall_k, device=device, progress=progress)[0]
 
 
-def run_image_retrieval(em: EvalModel, opts: RunOptions, data: str, *, root: Optional[str] = None,
-                        split: str = "test", features: str = "embedding", name: Optional[str] = None,
-                        recall_k: Sequence[int] = RECALL_K) -> Tuple[Path, Dict[str, float]]:
+def run_image_retrieval(em: EvalModel, opts: RunOptions, data: str, *, root: str | None = None,
+                        split: str = "test", features: str = "embedding", name: str | None = None,
+                        recall_k: Sequence[int] = RECALL_K) -> tuple[Path, dict[str, float]]:
     """``mmrl eval image-retrieval``: an image folder (or named dataset), cached features."""
     from .datasets import classification_data
     from .features import extract_image_features, model_fingerprint
@@ -103,7 +103,7 @@ class ImageRetrievalTaskOptions(TaskOptions):
     name: str | None = option(help="dataset name in the result")
 
 
-def _run_task(em: EvalModel, opts: RunOptions, o: ImageRetrievalTaskOptions) -> Tuple[Path, Dict[str, float]]:
+def _run_task(em: EvalModel, opts: RunOptions, o: ImageRetrievalTaskOptions) -> tuple[Path, dict[str, float]]:
     data = o.dataset or o.data
     return run_image_retrieval(em, opts, data, root=o.root, split=o.split or default_split(data),
                                features=o.features, name=o.name)

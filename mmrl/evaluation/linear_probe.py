@@ -18,9 +18,9 @@ whatever device the features are on (CPU or GPU), warm-started from the nearest 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +49,14 @@ class LinearProbeOptions:
     tolerance: float = 1e-6           # L-BFGS stops when max |gradient| falls below this
     dtype: str = "float32"
 
-    def grid(self) -> List[float]:
+    def grid(self) -> list[float]:
         return torch.logspace(self.log10_min, self.log10_max, self.grid_points, dtype=torch.float64).tolist()
 
 
-Params = Tuple[torch.Tensor, torch.Tensor]
+Params = tuple[torch.Tensor, torch.Tensor]
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, *, init: Optional[Params] = None,
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, *, init: Params | None = None,
                  max_iter: int = 1000, tolerance: float = 1e-6) -> Params:
     """Minimise ``mean CE(x W^T + b, y) + l2/2 ||W||^2``; returns ``(W [C, D], b [C])``."""
     d = x.shape[1]
@@ -76,7 +76,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, *,
     return w.detach(), b.detach()
 
 
-def stratified_split(y: torch.Tensor, proportion: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(y: torch.Tensor, proportion: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train_idx, val_idx)``: ``round(proportion * n_c)`` items of each class with at least two
     items go to validation (at least one), chosen by a seeded permutation."""
     g = torch.Generator().manual_seed(seed)
@@ -115,12 +115,12 @@ def stratified_subsample(y: torch.Tensor, limit: int, seed: int) -> torch.Tensor
     return torch.cat(picked).sort().values
 
 
-def coarse_to_fine(n: int, score: Callable[[int], float]) -> Tuple[int, Dict[int, float]]:
+def coarse_to_fine(n: int, score: Callable[[int], float]) -> tuple[int, dict[int, float]]:
     """Best grid index under ``score`` (higher is better; ties go to the larger index): the 7
     points ``0, s, 2s, ..`` (``s = (n-1)//6``), then the neighbours at distances s/2, s/4, ... 1
     of the best so far. Returns ``(best, {index: score})``."""
     step = max(1, (n - 1) // 6)
-    scores: Dict[int, float] = {}
+    scores: dict[int, float] = {}
 
     def best() -> int:
         return max(scores, key=lambda i: (scores[i], i))
@@ -140,7 +140,7 @@ def coarse_to_fine(n: int, score: Callable[[int], float]) -> Tuple[int, Dict[int
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  n_classes: int, options: LinearProbeOptions = LinearProbeOptions(),
-                 device: str | torch.device = "cpu") -> Tuple[Dict[str, float], Dict[str, object]]:
+                 device: str | torch.device = "cpu") -> tuple[dict[str, float], dict[str, object]]:
     """Sweep, refit and score; returns ``(metrics, details)`` (details: sweep trace, sizes)."""
     dtype = getattr(torch, options.dtype)
     dev = torch.device(device)
@@ -150,7 +150,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         raise ValueError("the training set is too small for a validation split (need 2+ images in some class)")
     tr, va = tr.to(dev), va.to(dev)
     grid = options.grid()
-    fitted: Dict[int, Params] = {}
+    fitted: dict[int, Params] = {}
     t0 = time.perf_counter()
 
     def score(i: int) -> float:
@@ -183,7 +183,7 @@ def _features(feats, tap: str) -> torch.Tensor:
 
 
 def evaluate(model, train_dataloader, test_dataloader, device, options: LinearProbeOptions = LinearProbeOptions(),
-             amp: bool = False, progress: bool = True) -> Dict[str, float]:
+             amp: bool = False, progress: bool = True) -> dict[str, float]:
     """CLIP_benchmark-style ``evaluate`` for the probe (``(images, targets)`` loaders), on CPU or GPU."""
     from .features import encode_images
 
@@ -221,10 +221,10 @@ def _subsample_train(cd, limit: int, seed: int, data: str):
     return replace(cd, dataset=Subsample(cd.dataset, idx.tolist(), y[idx].tolist())), len(y)
 
 
-def run_linear_probe(em: EvalModel, opts: RunOptions, train: str, test: str, *, root: Optional[str] = None,
-                     train_split: str = "train", test_split: str = "test", name: Optional[str] = None,
+def run_linear_probe(em: EvalModel, opts: RunOptions, train: str, test: str, *, root: str | None = None,
+                     train_split: str = "train", test_split: str = "test", name: str | None = None,
                      options: LinearProbeOptions = LinearProbeOptions(),
-                     train_limit: Optional[int] = None) -> Tuple[Path, Dict[str, float]]:
+                     train_limit: int | None = None) -> tuple[Path, dict[str, float]]:
     """``mmrl eval linear-probe``: features of both splits (cached), sweep, refit, write.
 
     ``train_limit``: probe on a class-stratified subsample of at most that many training
@@ -316,7 +316,7 @@ class LinearProbeTaskOptions(TaskOptions):
                                   max_iter=self.max_iter, grid_points=self.grid_points)
 
 
-def _run_task(em: EvalModel, opts: RunOptions, o: LinearProbeTaskOptions) -> Tuple[Path, Dict[str, float]]:
+def _run_task(em: EvalModel, opts: RunOptions, o: LinearProbeTaskOptions) -> tuple[Path, dict[str, float]]:
     train, test = o.dataset or o.train, o.dataset or o.test
     return run_linear_probe(em, opts, train, test, root=o.root,
                             train_split=o.train_split or default_split(train, "train"),

@@ -9,14 +9,14 @@ templates, as CLIP_benchmark does.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["read_templates_file", "packaged_classnames", "packaged_templates", "resolve_templates", "check_templates"]
 
 
-def check_templates(templates: Sequence[str], where: str) -> List[str]:
+def check_templates(templates: Sequence[str], where: str) -> list[str]:
     """Each template must contain ``{c}`` and format with a class name alone."""
     out = []
     for n, t in enumerate(templates):
@@ -32,7 +32,7 @@ def check_templates(templates: Sequence[str], where: str) -> List[str]:
     return out
 
 
-def read_templates_file(path: Union[str, Path]) -> List[str]:
+def read_templates_file(path: str | Path) -> list[str]:
     """One template a line, ``{c}`` standing for the class name (blank lines ignored)."""
     path = Path(path)
     if not path.is_file():
@@ -41,8 +41,8 @@ def read_templates_file(path: Union[str, Path]) -> List[str]:
     return check_templates(lines, str(path))
 
 
-@lru_cache(maxsize=None)
-def _clip_benchmark_json(name: str) -> Tuple[Dict[str, list], str]:
+@cache
+def _clip_benchmark_json(name: str) -> tuple[dict[str, list], str]:
     try:
         from importlib.resources import files
 
@@ -53,13 +53,13 @@ def _clip_benchmark_json(name: str) -> Tuple[Dict[str, list], str]:
                          "(or pass --classnames / --templates files)") from err
 
 
-def _imagenet() -> Tuple[List[str], List[str]]:
+def _imagenet() -> tuple[list[str], list[str]]:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
     return list(IMAGENET_CLASSNAMES), [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
-def packaged_classnames(key: str) -> Tuple[List[str], str]:
+def packaged_classnames(key: str) -> tuple[list[str], str]:
     """``(class names, source)`` for ``key`` (``imagenet`` or a key of CLIP_benchmark's
     ``en_classnames.json``)."""
     if key in ("imagenet", "imagenet1k"):
@@ -70,7 +70,7 @@ def packaged_classnames(key: str) -> Tuple[List[str], str]:
     return list(data[key]), f"{source}[{key}]"
 
 
-def packaged_templates(key: Optional[str]) -> Tuple[List[str], str]:
+def packaged_templates(key: str | None) -> tuple[list[str], str]:
     """``(templates, source)``: open_clip's 80 OpenAI ImageNet templates for ImageNet and for
     datasets without templates of their own, else CLIP_benchmark's for ``key``."""
     if key not in (None, "imagenet", "imagenet1k"):
@@ -80,7 +80,7 @@ def packaged_templates(key: Optional[str]) -> Tuple[List[str], str]:
     return _imagenet()[1], "open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES"
 
 
-def resolve_templates(templates: Union[None, str, Path, Sequence[str]], key: Optional[str]) -> Tuple[List[str], str]:
+def resolve_templates(templates: None | str | Path | Sequence[str], key: str | None) -> tuple[list[str], str]:
     """Templates from a file path, an explicit list, or the packaged defaults for ``key``."""
     if templates is None:
         return packaged_templates(key)

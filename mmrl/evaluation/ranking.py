@@ -17,8 +17,8 @@ as CLIP_benchmark's ``scores`` / ``scores.T`` do).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -41,7 +41,7 @@ def chunk_rows(n_rows: int, n_cols: int, budget_bytes: int = DEFAULT_BUDGET, byt
     return int(max(32, min(max(n_rows, 1), rows)))
 
 
-def row_chunks(n: int, size: int) -> Iterator[Tuple[int, int]]:
+def row_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
     """``(start, end)`` blocks of ``size`` rows covering ``range(n)``; a short tail (< 16 rows)
     joins the previous block, so no block is a single row (a matrix-vector product may round
     differently from the matrix-matrix product it is a row of)."""
@@ -54,7 +54,7 @@ def row_chunks(n: int, size: int) -> Iterator[Tuple[int, int]]:
 
 
 def first_positive_rank(scores: torch.Tensor, positive: torch.Tensor,
-                        valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of ``scores`` ``[Q, N]``: the number of candidates ranked before the first
     positive (stable descending order, see :data:`TIE_RULE`); ``N`` for a row without positives.
 
@@ -85,8 +85,8 @@ class TextImageRanks:
 
     t2i: torch.Tensor
     i2t: torch.Tensor
-    t2i_fold: Optional[torch.Tensor] = None
-    i2t_fold: Optional[torch.Tensor] = None
+    t2i_fold: torch.Tensor | None = None
+    i2t_fold: torch.Tensor | None = None
 
 
 def _best_positive(scores: torch.Tensor, pt: torch.Tensor, pi: torch.Tensor, a: int,
@@ -137,8 +137,8 @@ def _count_before_columns(scores: torch.Tensor, rows: torch.Tensor, best: torch.
 
 
 def text_image_ranks(text_emb: torch.Tensor, image_emb: torch.Tensor, pairs: torch.Tensor, *,
-                     image_fold: Optional[torch.Tensor] = None, text_fold: Optional[torch.Tensor] = None,
-                     chunk_size: Optional[int] = None, device: str | torch.device = "cpu",
+                     image_fold: torch.Tensor | None = None, text_fold: torch.Tensor | None = None,
+                     chunk_size: int | None = None, device: str | torch.device = "cpu",
                      progress: bool = False) -> TextImageRanks:
     """Ranks for both directions of text-image retrieval from embeddings (already normalised).
 
@@ -226,8 +226,8 @@ def _row_pos(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def image_to_image_ranks(emb: torch.Tensor, labels: torch.Tensor, *, map_at_r: bool = True,
-                         chunk_size: Optional[int] = None, device: str | torch.device = "cpu",
-                         progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         chunk_size: int | None = None, device: str | torch.device = "cpu",
+                         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each item queries all the others (itself excluded); positives share its label.
 
     Returns ``(rank, n_positives, map_at_r)`` per query: the rank of the first positive (``N``
@@ -282,7 +282,7 @@ def _stable_topk_block(s: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def topk_stable(query: torch.Tensor, cand: torch.Tensor, k: int, *, chunk_size: Optional[int] = None,
+def topk_stable(query: torch.Tensor, cand: torch.Tensor, k: int, *, chunk_size: int | None = None,
                 device: str | torch.device = "cpu") -> torch.Tensor:
     """Indices ``[Q, k]`` of each query's top-``k`` candidates in the stable descending order
     (``query @ cand.T`` in row blocks)."""

@@ -16,7 +16,7 @@ models whose ``has_text_encoder`` is false.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ class NoTextEncoder(ValueError):
     """The model has no text encoder (text tasks do not apply to it)."""
 
 
-def parse_raw_pixels(spec: str) -> Optional[int]:
+def parse_raw_pixels(spec: str) -> int | None:
     """The image size of a ``raw-pixels[:SIZE]`` spec, or ``None`` when ``spec`` is not one
     (``raw-pixels-run/`` and the like are ordinary paths)."""
     if spec != NAME and not spec.startswith(NAME + ":"):
@@ -57,7 +57,7 @@ class PixelTower(nn.Module):
         # a buffer, so that the weights fingerprint (feature cache, result files) names the size
         self.register_buffer("image_size", torch.tensor([self.size], dtype=torch.long))
 
-    def _pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
+    def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         x = x.float()
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
@@ -91,7 +91,7 @@ class RawPixelModel(nn.Module):
     def encode_text(self, text: Any, normalize: bool = False) -> torch.Tensor:
         raise NoTextEncoder(f"{NAME} has no text encoder: text tasks (retrieval, zeroshot) do not apply to it")
 
-    def forward(self, image: Optional[torch.Tensor] = None, text: Any = None):
+    def forward(self, image: torch.Tensor | None = None, text: Any = None):
         if text is not None:
             self.encode_text(text)
         return self.encode_image(image, normalize=True) if image is not None else None

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from ..fileio import atomic_write_text
 from .context import ModelInfo
@@ -46,8 +46,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_result(out_dir: str | os.PathLike, dataset: str, task: str, metrics: Dict[str, Any], model: ModelInfo,
-                 protocol: Dict[str, Any], *, fingerprint: Optional[str] = None, language: str = "en") -> Path:
+def write_result(out_dir: str | os.PathLike, dataset: str, task: str, metrics: dict[str, Any], model: ModelInfo,
+                 protocol: dict[str, Any], *, fingerprint: str | None = None, language: str = "en") -> Path:
     """Write one result file atomically and return its path. ``task`` is the CLIP_benchmark task
     name of a registered task (:func:`.tasks.task_of_result`: ``zeroshot_retrieval``, ...)."""
     from mmrl import __version__
@@ -71,7 +71,7 @@ def write_result(out_dir: str | os.PathLike, dataset: str, task: str, metrics: D
     return path
 
 
-def read_result(path: str | os.PathLike) -> Dict[str, Any]:
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
     """Load a result file, checking the fields every consumer relies on."""
     path = Path(path)
     try:

@@ -13,9 +13,9 @@ Scores are cosine similarities of L2-normalised embeddings (no ``logit_scale``),
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ __all__ = ["retrieval_metrics", "caption_pairs", "evaluate", "run_retrieval", "D
 DUPLICATE_MODES = ("auto", "own", "shared")
 
 
-def caption_pairs(caption_image: Sequence[int], captions: Optional[Sequence[str]] = None,
+def caption_pairs(caption_image: Sequence[int], captions: Sequence[str] | None = None,
                   shared: bool = False) -> torch.Tensor:
     """Positive (caption, image) pairs ``[P, 2]``: each caption with its own image, and with
     ``shared=True`` also with every other image that has a caption of exactly the same text."""
@@ -41,7 +41,7 @@ def caption_pairs(caption_image: Sequence[int], captions: Optional[Sequence[str]
         return own
     if captions is None:
         raise ValueError("shared caption positives need the caption texts")
-    images_of: Dict[str, set] = defaultdict(set)
+    images_of: dict[str, set] = defaultdict(set)
     for text, i in zip(captions, caption_image):
         images_of[text.strip()].add(i)
     rows = [[j, i] for j, text in enumerate(captions) for i in sorted(images_of[text.strip()])]
@@ -49,9 +49,9 @@ def caption_pairs(caption_image: Sequence[int], captions: Optional[Sequence[str]
 
 
 def retrieval_metrics(text_emb: torch.Tensor, image_emb: torch.Tensor, caption_image: Sequence[int], *,
-                      recall_k: Sequence[int] = (1, 5, 10), pairs: Optional[torch.Tensor] = None,
-                      fold_size: Optional[int] = None, chunk_size: Optional[int] = None,
-                      device: str | torch.device = "cpu", progress: bool = False) -> Dict[str, float]:
+                      recall_k: Sequence[int] = (1, 5, 10), pairs: torch.Tensor | None = None,
+                      fold_size: int | None = None, chunk_size: int | None = None,
+                      device: str | torch.device = "cpu", progress: bool = False) -> dict[str, float]:
     """Recall@K in both directions (and ``rsum``; ``fold1k_*`` with ``fold_size``) from
     normalised embeddings. ``pairs`` overrides the default positives (each caption's image)."""
     caption_image = torch.as_tensor(list(caption_image), dtype=torch.long)
@@ -79,8 +79,8 @@ def retrieval_metrics(text_emb: torch.Tensor, image_emb: torch.Tensor, caption_i
     return metrics
 
 
-def _recalls(t2i: torch.Tensor, i2t: torch.Tensor, ks: Sequence[int]) -> Dict[str, float]:
-    out: Dict[str, float] = {}
+def _recalls(t2i: torch.Tensor, i2t: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = recall_at(t2i, k)
         out[f"text_retrieval_recall@{k}"] = recall_at(i2t, k)
@@ -90,7 +90,7 @@ def _recalls(t2i: torch.Tensor, i2t: torch.Tensor, ks: Sequence[int]) -> Dict[st
 
 
 def evaluate(model, dataloader, tokenizer, device, amp: bool = True, recall_k_list: Sequence[int] = (1, 5, 10), *,
-             fold_size: Optional[int] = None, chunk_size: Optional[int] = None, progress: bool = True) -> Dict[str, float]:
+             fold_size: int | None = None, chunk_size: int | None = None, progress: bool = True) -> dict[str, float]:
     """CLIP_benchmark's ``zeroshot_retrieval.evaluate`` contract: ``dataloader`` yields
     ``(images, list of caption lists)``; embeddings are computed batch by batch as there, the
     metrics in bounded memory (same numbers as CLIP_benchmark when no scores tie)."""
@@ -112,16 +112,16 @@ def evaluate(model, dataloader, tokenizer, device, amp: bool = True, recall_k_li
 
 
 def _duplicates(ann: RetrievalAnnotations) -> int:
-    images_of: Dict[str, set] = defaultdict(set)
+    images_of: dict[str, set] = defaultdict(set)
     for text, i in zip(ann.captions, ann.caption_image):
         images_of[text.strip()].add(i)
     return sum(1 for s in images_of.values() if len(s) > 1)
 
 
-def run_retrieval(em: EvalModel, opts: RunOptions, annotations: str | Path, *, images: Optional[str | Path] = None,
-                  split: str = "test", name: Optional[str] = None, count_check: bool = True,
-                  duplicate_captions: str = "auto", fold_size: Optional[int] = None, eccv: bool = True,
-                  recall_k: Sequence[int] = (1, 5, 10)) -> Tuple[Path, Dict[str, float]]:
+def run_retrieval(em: EvalModel, opts: RunOptions, annotations: str | Path, *, images: str | Path | None = None,
+                  split: str = "test", name: str | None = None, count_check: bool = True,
+                  duplicate_captions: str = "auto", fold_size: int | None = None, eccv: bool = True,
+                  recall_k: Sequence[int] = (1, 5, 10)) -> tuple[Path, dict[str, float]]:
     """``mmrl eval retrieval``: parse, check, encode (cached), rank, write the result file."""
     from .datasets import ImageListDataset
     from .features import extract_image_features, extract_text_features, model_fingerprint
@@ -177,7 +177,7 @@ def run_retrieval(em: EvalModel, opts: RunOptions, annotations: str | Path, *, i
     return path, metrics
 
 
-def parse_ks(values: Optional[Sequence[int]]) -> List[int]:
+def parse_ks(values: Sequence[int] | None) -> list[int]:
     ks = sorted(set(int(v) for v in (values or (1, 5, 10))))
     if not ks or ks[0] < 1:
         raise ValueError(f"recall K values must be positive integers, got {values}")
@@ -216,7 +216,7 @@ class RetrievalTaskOptions(TaskOptions):
         self.require(self.fold_size is None or self.fold_size >= 1, "fold_size", "a positive integer")
 
 
-def _run_task(em: EvalModel, opts: RunOptions, o: RetrievalTaskOptions) -> Tuple[Path, Dict[str, float]]:
+def _run_task(em: EvalModel, opts: RunOptions, o: RetrievalTaskOptions) -> tuple[Path, dict[str, float]]:
     return run_retrieval(em, opts, o.annotations, images=o.images, split=o.split, name=o.name,
                          count_check=o.count_check, duplicate_captions=o.duplicate_captions, fold_size=o.fold_size,
                          eccv=o.eccv, recall_k=parse_ks(o.recall_k))

@@ -14,9 +14,9 @@ import io
 import math
 import re
 from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from .results import read_result
 from .tasks import task_of_result
@@ -26,7 +26,7 @@ _RAW = re.compile(r"rsum|l2_lambda|^C$")
 _SEED = re.compile(r"[-_.]seed[-_]?\d+$", re.IGNORECASE)
 
 
-def column_label(arg: str) -> Tuple[str, Path]:
+def column_label(arg: str) -> tuple[str, Path]:
     """``LABEL=DIR`` -> (LABEL, DIR); ``DIR`` -> (its name without a seed suffix, DIR)."""
     if "=" in arg and not Path(arg).exists():
         label, path = arg.split("=", 1)
@@ -39,14 +39,14 @@ def column_label(arg: str) -> Tuple[str, Path]:
 @dataclass
 class Column:
     label: str
-    dirs: List[Path]
+    dirs: list[Path]
     # (dataset, task) -> metric -> values, one per seed folder
-    values: Dict[Tuple[str, str], Dict[str, List[float]]]
+    values: dict[tuple[str, str], dict[str, list[float]]]
 
 
-def collect(args: Sequence[str]) -> List[Column]:
+def collect(args: Sequence[str]) -> list[Column]:
     """Read every ``*.json`` result file of the given folders, grouped into columns."""
-    columns: "OrderedDict[str, Column]" = OrderedDict()
+    columns: OrderedDict[str, Column] = OrderedDict()
     for arg in args:
         label, path = column_label(arg)
         if not path.is_dir():
@@ -64,14 +64,14 @@ def collect(args: Sequence[str]) -> List[Column]:
     return list(columns.values())
 
 
-def default_metrics(result_task: str) -> Tuple[str, ...]:
+def default_metrics(result_task: str) -> tuple[str, ...]:
     """The rows a table shows for result files of ``result_task`` without ``--metrics``: the
     metrics its registered task declares (:attr:`.tasks.Task.table_metrics`; none if unknown)."""
     task = task_of_result(result_task)
     return task.table_metrics if task is not None else ()
 
 
-def mean_std(values: List[float]) -> Tuple[float, Optional[float], int]:
+def mean_std(values: list[float]) -> tuple[float, float | None, int]:
     """``(mean, sample std or None for one value, n)`` -- the statistics of a table cell."""
     n = len(values)
     mean = sum(values) / n
@@ -79,7 +79,7 @@ def mean_std(values: List[float]) -> Tuple[float, Optional[float], int]:
     return mean, std, n
 
 
-def _fmt(metric: str, mean: float, std: Optional[float], n: int) -> str:
+def _fmt(metric: str, mean: float, std: float | None, n: int) -> str:
     if _RAW.search(metric):
         text = f"{mean:.2f}" if "rsum" in metric else f"{mean:.3g}"
         sd = "" if std is None else (f" ± {std:.2f}" if "rsum" in metric else f" ± {std:.2g}")
@@ -88,10 +88,10 @@ def _fmt(metric: str, mean: float, std: Optional[float], n: int) -> str:
     return text + sd + (f" (n={n})" if n > 1 else "")
 
 
-def build_table(columns: List[Column], metrics: Optional[Sequence[str]] = None, fmt: str = "markdown") -> str:
+def build_table(columns: list[Column], metrics: Sequence[str] | None = None, fmt: str = "markdown") -> str:
     """Markdown (``| dataset | task | metric | col... |``) or CSV (mean, std and n per column)."""
     keys = sorted({k for c in columns for k in c.values})
-    rows: List[Tuple[str, str, str]] = []
+    rows: list[tuple[str, str, str]] = []
     for dataset, task in keys:
         present = {m for c in columns for m in c.values.get((dataset, task), {})}
         wanted = metrics or default_metrics(task) or sorted(present)

@@ -8,15 +8,15 @@ recall, = scikit-learn's ``balanced_accuracy_score``). Top-K ties are ordered by
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .context import EvalModel, RunOptions
 from ..progress import progress as progress_bar
+from .context import EvalModel, RunOptions
 from .datasets import NAMED_DATASETS, default_split
 from .features import autocast_context, encode_text_groups
 from .options import TaskOptions, option
@@ -50,8 +50,8 @@ def true_class_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((logits > true) | ((logits == true) & (cols < target[:, None]))).sum(dim=1)
 
 
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_classes: Optional[int] = None,
-                           prefix: str = "") -> Dict[str, float]:
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_classes: int | None = None,
+                           prefix: str = "") -> dict[str, float]:
     """``acc1``, ``acc5`` (with >= 5 classes), ``mean_per_class_recall`` from logits ``[N, C]``."""
     n_classes = n_classes or logits.shape[1]
     logits, target = logits.float().cpu(), target.long().cpu()
@@ -70,7 +70,7 @@ def _logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Ten
 
 
 def evaluate(model, dataloader, tokenizer, classnames: Sequence[str], templates: Sequence[str], device,
-             amp: bool = True, progress: bool = True) -> Dict[str, float]:
+             amp: bool = True, progress: bool = True) -> dict[str, float]:
     """CLIP_benchmark's ``zeroshot_classification.evaluate`` contract (single-label datasets):
     ``dataloader`` yields ``(images, targets)``; class names and templates are given."""
     dev = torch.device(device)
@@ -85,9 +85,9 @@ def evaluate(model, dataloader, tokenizer, classnames: Sequence[str], templates:
     return classification_metrics(torch.cat(logits), torch.cat(targets), len(classnames))
 
 
-def run_zeroshot(em: EvalModel, opts: RunOptions, data: str, *, root: Optional[str] = None, split: str = "test",
-                 classnames: Optional[str] = None, templates: Union[None, str, Path, Sequence[str]] = None,
-                 name: Optional[str] = None) -> Tuple[Path, Dict[str, float]]:
+def run_zeroshot(em: EvalModel, opts: RunOptions, data: str, *, root: str | None = None, split: str = "test",
+                 classnames: str | None = None, templates: None | str | Path | Sequence[str] = None,
+                 name: str | None = None) -> tuple[Path, dict[str, float]]:
     """``mmrl eval zeroshot``: an image folder or named dataset, cached image features."""
     from .datasets import classification_data
     from .features import labelled_image_features, model_fingerprint
@@ -139,7 +139,7 @@ class ZeroshotTaskOptions(TaskOptions):
     name: str | None = option(help="dataset name in the result")
 
 
-def _run_task(em: EvalModel, opts: RunOptions, o: ZeroshotTaskOptions) -> Tuple[Path, Dict[str, float]]:
+def _run_task(em: EvalModel, opts: RunOptions, o: ZeroshotTaskOptions) -> tuple[Path, dict[str, float]]:
     data = o.dataset or o.data
     return run_zeroshot(em, opts, data, root=o.root, split=o.split or default_split(data), classnames=o.classnames,
                         templates=o.templates, name=o.name)

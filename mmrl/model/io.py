@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -38,7 +38,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike, state_dict: Dict[str, torch.Tensor] | None = None) -> Path:
+def save_model(model: torch.nn.Module, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (built by mmrl) to folder ``path``; files are replaced atomically.
 
     ``state_dict`` may be given when the weights come from elsewhere (e.g. a consolidated
@@ -62,7 +62,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, state_dict: Dict
     return out
 
 
-def read_model_config(path: str | os.PathLike) -> Dict[str, Any]:
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: no such file (expected a folder written by mmrl.save_model)")
@@ -76,7 +76,7 @@ def read_model_config(path: str | os.PathLike) -> Dict[str, Any]:
     return config
 
 
-def _load_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
+def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / WEIGHTS_NAME).is_file():
         return load_file(str(folder / WEIGHTS_NAME))
     if (folder / BIN_WEIGHTS_NAME).is_file():
@@ -85,7 +85,7 @@ def _load_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}")
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32") -> Tuple[torch.nn.Module, Any, Any]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32") -> tuple[torch.nn.Module, Any, Any]:
     """Load a folder written by :func:`save_model`: returns ``(model, preprocess, tokenizer)``, model in eval mode."""
     folder = Path(path)
     config = read_model_config(folder)

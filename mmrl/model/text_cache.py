@@ -38,7 +38,7 @@ class CachedHFTextEncoder(nn.Module):
         self.context_length = encoder.context_length
         self.max_entries = max_entries
         self.hits = self.misses = 0
-        self._cache: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled (pre-projection) features of ``tokens`` ``[B, ctx]``, from the cache where possible."""

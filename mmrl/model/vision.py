@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 from open_clip.model import CLIPVisionCfg
@@ -28,8 +28,8 @@ from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU, VisionTra
 from torch import nn
 
 from ..layers.conv_stem import ConvStem
-from ..layers.pretrained_stem import PretrainedStem
 from ..layers.pools import build_pool, list_pools
+from ..layers.pretrained_stem import PretrainedStem
 
 __all__ = ["PooledVisionTransformer", "build_vision_tower", "MMRL_VISION_KEYS"]
 
@@ -51,9 +51,9 @@ class PooledVisionTransformer(VisionTransformer):
         mlp_ratio: float,
         *,
         pool_type: str = "ggem",
-        pool_kwargs: Optional[Dict[str, Any]] = None,
-        conv_stem: Optional[Dict[str, Any]] = None,
-        pretrained_stem: Optional[Dict[str, Any]] = None,
+        pool_kwargs: dict[str, Any] | None = None,
+        conv_stem: dict[str, Any] | None = None,
+        pretrained_stem: dict[str, Any] | None = None,
         stem_weights: bool = True,
         **kwargs,
     ):
@@ -84,7 +84,7 @@ class PooledVisionTransformer(VisionTransformer):
             # stem_weights=False: the weights will come from a saved model (mmrl.load_model)
             self.conv1 = PretrainedStem(patch_size, width, pretrained=stem_weights, **self.pretrained_stem)
 
-    def _global_pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _global_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = x[:, 1:]
         pooled = self.pooler(x if self.pooler.uses_class_token else tokens)
         return pooled, tokens
@@ -113,9 +113,9 @@ class PooledVisionTransformer(VisionTransformer):
 
 def build_vision_tower(
     embed_dim: int,
-    vision_cfg: Dict[str, Any],
+    vision_cfg: dict[str, Any],
     quick_gelu: bool = False,
-    cast_dtype: Optional[torch.dtype] = None,
+    cast_dtype: torch.dtype | None = None,
     stem_weights: bool = True,
 ) -> PooledVisionTransformer:
     """Build the ViT tower exactly as open_clip's ``_build_vision_tower`` would, pooling with mmrl."""

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
 
 from ..deps import require
 from .common import MANIFEST, Manifest, PrepareError, done_manifest, log
@@ -67,7 +67,7 @@ def _openclipart(*args, **kwargs) -> None:
 
 # recipe name -> fn(root, out, *, limit, workers, manifest); modules load on first use so that
 # importing mmrl.prepare needs none of the recipes' packages
-RECIPES: Dict[str, Recipe] = {
+RECIPES: dict[str, Recipe] = {
     "emoji": _emoji,
     "tuxpaint": _tuxpaint,
     "fashion-mnist": _fashion_mnist,
@@ -85,10 +85,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 # bump a recipe's number when its output changes: an older run's folder is then rebuilt from scratch
-VERSIONS: Dict[str, int] = {"emoji": 2, "tuxpaint": 1, "fashion-mnist": 1, "openclipart": 1, "glyphs": 1}
+VERSIONS: dict[str, int] = {"emoji": 2, "tuxpaint": 1, "fashion-mnist": 1, "openclipart": 1, "glyphs": 1}
 
 
-def _recorded_version(out: Path) -> Optional[int]:
+def _recorded_version(out: Path) -> int | None:
     """The recipe version of an earlier finished run in ``out``, if any."""
     try:
         return json.loads((out / MANIFEST).read_text())["options"]["version"]
@@ -96,7 +96,7 @@ def _recorded_version(out: Path) -> Optional[int]:
         return None
 
 
-def prepare(name: str, root: Union[str, Path], *, limit: Optional[int] = None, workers: Optional[int] = None,
+def prepare(name: str, root: str | Path, *, limit: int | None = None, workers: int | None = None,
             force: bool = False) -> Path:
     """Run recipe ``name`` into ``root/name/`` and return the path of ``root/name/manifest.json``.
 

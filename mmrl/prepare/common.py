@@ -12,9 +12,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -46,7 +47,7 @@ def log(message: str) -> None:
     print(f"mmrl prepare: {message}", file=sys.stderr, flush=True)
 
 
-def pip_source(dist: str, licence: str, what: str, **extra: Any) -> Dict[str, Any]:
+def pip_source(dist: str, licence: str, what: str, **extra: Any) -> dict[str, Any]:
     """Manifest entry for an installed PyPI distribution."""
     try:
         version = importlib.metadata.version(dist)
@@ -60,7 +61,7 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
 
 
-def evenly_spaced(items: Sequence[T], limit: Optional[int]) -> List[T]:
+def evenly_spaced(items: Sequence[T], limit: int | None) -> list[T]:
     """All ``items``, or ``limit`` of them spread evenly over the sequence (deterministic)."""
     if limit is None or limit >= len(items):
         return list(items)
@@ -74,8 +75,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def save_image(img: Image.Image, path: Path, *, max_size: Optional[int] = None, flatten: bool = True,
-               quality: int = 90) -> Tuple[int, int]:
+def save_image(img: Image.Image, path: Path, *, max_size: int | None = None, flatten: bool = True,
+               quality: int = 90) -> tuple[int, int]:
     """Save ``img`` atomically as PNG or JPEG (by suffix): alpha flattened onto white when
     ``flatten`` (always for JPEG), longer side shrunk to ``max_size``. Returns the saved size."""
     if flatten or path.suffix.lower() in (".jpg", ".jpeg"):
@@ -124,7 +125,7 @@ def slug(text: str) -> str:
     return text or "unnamed"
 
 
-def caption_tokens(caption: str) -> List[str]:
+def caption_tokens(caption: str) -> list[str]:
     """Karpathy-style tokens: lower-cased alphanumeric words, punctuation dropped."""
     return re.findall(r"[a-z0-9]+", caption.lower())
 
@@ -135,12 +136,12 @@ class RetrievalItem:
     through ``filepath``/``filename``) and its captions."""
 
     filename: str
-    captions: List[str]
+    captions: list[str]
     filepath: str = "images"
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def write_karpathy(path: Path, dataset: str, items: Sequence[RetrievalItem]) -> Dict[str, int]:
+def write_karpathy(path: Path, dataset: str, items: Sequence[RetrievalItem]) -> dict[str, int]:
     """Write a Karpathy-format ``dataset_*.json`` (every image in split ``test``) and return
     its counts. Image ids and sentence ids are consecutive from 0 in ``items`` order."""
     images, sentid = [], 0
@@ -157,8 +158,8 @@ def write_karpathy(path: Path, dataset: str, items: Sequence[RetrievalItem]) -> 
     return {"images": len(images), "captions": sentid}
 
 
-def write_imagefolder(out: Path, samples: Sequence[Tuple[Path, str, str]],
-                      display: Dict[str, str]) -> Dict[str, int]:
+def write_imagefolder(out: Path, samples: Sequence[tuple[Path, str, str]],
+                      display: dict[str, str]) -> dict[str, int]:
     """Lay out a zero-shot classification set: ``out/<class folder>/<file>`` (hard links to
     ``samples``' ``(image, class folder, file name)``) and ``out/classnames.txt`` with the
     human-readable name of each folder, one a line, in sorted folder order (the class indices
@@ -177,7 +178,7 @@ def _call(fn_and_task):
     return fn(task)
 
 
-def parallel_map(fn: Callable[[T], R], tasks: Sequence[T], *, workers: Optional[int], desc: str,
+def parallel_map(fn: Callable[[T], R], tasks: Sequence[T], *, workers: int | None, desc: str,
                  unit: str = "img") -> Iterator[R]:
     """``fn`` over ``tasks`` in worker processes (results in completion order) with progress on
     stderr (``mmrl.progress``: a bar on a terminal, periodic lines otherwise). ``fn`` must be a
@@ -206,11 +207,11 @@ class Manifest:
     manifest whose options equal the requested ones marks the corpus as already prepared."""
 
     recipe: str
-    options: Dict[str, Any]
-    sources: List[Dict[str, Any]] = field(default_factory=list)
-    outputs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    counts: Dict[str, int] = field(default_factory=dict)
-    notes: List[str] = field(default_factory=list)
+    options: dict[str, Any]
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
     def write(self, out: Path) -> Path:
@@ -228,7 +229,7 @@ class Manifest:
         return path
 
 
-def done_manifest(out: Path, options: Dict[str, Any]) -> Optional[Path]:
+def done_manifest(out: Path, options: dict[str, Any]) -> Path | None:
     """``out/manifest.json`` if it records a finished run with these ``options`` whose outputs
     are all still there, else ``None``."""
     path = out / MANIFEST
@@ -238,7 +239,7 @@ def done_manifest(out: Path, options: Dict[str, Any]) -> Optional[Path]:
         return None
     if data.get("options") != options:
         return None
-    outputs: Iterable[Dict[str, Any]] = (data.get("outputs") or {}).values()
+    outputs: Iterable[dict[str, Any]] = (data.get("outputs") or {}).values()
     if not all((out / entry.get("path", "\0")).exists() for entry in outputs):
         return None
     return path

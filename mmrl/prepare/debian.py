@@ -13,9 +13,10 @@ import os
 import shlex
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
 
 from .common import PrepareError, log
 
@@ -32,14 +33,14 @@ class DebPackage:
     version: str
     dir: Path
 
-    def source(self, licence: str, what: str, **extra: Any) -> Dict[str, Any]:
+    def source(self, licence: str, what: str, **extra: Any) -> dict[str, Any]:
         """Manifest entry for this package."""
         copyright_file = self.dir / "usr/share/doc" / self.name / "copyright"
         return {"name": self.name, "client": "apt", "version": self.version, "license": licence, "what": what,
                 "copyright_file": str(copyright_file) if copyright_file.exists() else None, **extra}
 
 
-def _run(cmd: Sequence[str], cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError as err:

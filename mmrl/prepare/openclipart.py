@@ -21,7 +21,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 from .common import Manifest, PrepareError, evenly_spaced, log, parallel_map, stable_hash
 from .debian import fetch_deb
@@ -44,7 +43,7 @@ _NOISE_KEYWORDS = {"", "unsorted", "hash", "svg", "clip art", "clipart", "image"
 @dataclass
 class ClipMeta:
     title: str
-    keywords: List[str]
+    keywords: list[str]
     title_from_filename: bool = False
 
 
@@ -61,7 +60,7 @@ def read_metadata(text: str, path: Path) -> ClipMeta:
     """Title and keywords of one OpenClipart file (``text`` is its content)."""
     titles = [_text(t) for t in _TITLE.findall(text)]
     agents = {t.lower() for t in titles[1:]}  # publisher, creator, rights holder
-    keywords: List[str] = []
+    keywords: list[str] = []
     subject = _SUBJECT.search(text)
     if subject:
         items = _LI.findall(subject.group(1)) or subject.group(1).split(",")
@@ -82,7 +81,7 @@ def clip_caption(meta: ClipMeta) -> str:
     return f"{meta.title}: {', '.join(extra)}" if extra else meta.title
 
 
-def _process(task: Tuple[str, str, str]) -> Tuple[str, str, Optional[ClipMeta], str]:
+def _process(task: tuple[str, str, str]) -> tuple[str, str, ClipMeta | None, str]:
     """Worker: metadata and render of one file. Returns ``(rel, status, meta, detail)``."""
     src, dst, rel = task
     try:
@@ -94,7 +93,7 @@ def _process(task: Tuple[str, str, str]) -> Tuple[str, str, Optional[ClipMeta], 
     return rel, result.status, meta, result.detail
 
 
-def prepare_openclipart(root: Path, out: Path, *, limit: Optional[int], workers: Optional[int],
+def prepare_openclipart(root: Path, out: Path, *, limit: int | None, workers: int | None,
                         manifest: Manifest) -> None:
     """Build ``out`` (= ``root/openclipart``); fills ``manifest``."""
     from ..data import ImageTextRecord

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
 
 from PIL import Image
 
@@ -55,7 +54,7 @@ class _SizeProbe:
     context_height = None
 
 
-def _natural_size(tree) -> Tuple[float, float]:
+def _natural_size(tree) -> tuple[float, float]:
     from cairosvg.helpers import node_format
 
     try:
@@ -65,7 +64,7 @@ def _natural_size(tree) -> Tuple[float, float]:
         return 0.0, 0.0
 
 
-def render_svg(data: bytes, box: int, *, url: Optional[str] = None, unsafe: bool = False) -> Image.Image:
+def render_svg(data: bytes, box: int, *, url: str | None = None, unsafe: bool = False) -> Image.Image:
     """Render SVG ``data`` to an RGBA image whose longer side is ``box`` pixels.
 
     ``unsafe`` lets the parser resolve XML entities (OpenClipart files declare them). Raises

@@ -26,13 +26,21 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 from PIL import Image
 
 from ..deps import MissingDependency
-from .common import (Manifest, PrepareError, RetrievalItem, evenly_spaced, log, parallel_map, save_image,
-                     write_imagefolder, write_karpathy)
+from .common import (
+    Manifest,
+    PrepareError,
+    RetrievalItem,
+    evenly_spaced,
+    log,
+    parallel_map,
+    save_image,
+    write_imagefolder,
+    write_karpathy,
+)
 from .debian import fetch_deb
 from .svg import is_blank, load_cairosvg, render_svg
 
@@ -70,7 +78,7 @@ def read_caption(txt: Path) -> str:
     return ""
 
 
-def find_stamps(stamps_dir: Path) -> Tuple[List[Stamp], Counter]:
+def find_stamps(stamps_dir: Path) -> tuple[list[Stamp], Counter]:
     """Every captioned stamp under ``stamps_dir`` (sorted by stem) and counts of what was skipped."""
     skipped: Counter = Counter()
     images = {}
@@ -113,7 +121,7 @@ def crop_to_content(img: Image.Image, margin: float = 0.04) -> Image.Image:
                      min(img.width, box[2] + pad), min(img.height, box[3] + pad)))
 
 
-def _convert(task: Tuple[str, str, bool]) -> Tuple[str, str]:
+def _convert(task: tuple[str, str, bool]) -> tuple[str, str]:
     """Worker: one stamp image to a cropped JPEG on white. Returns ``(dst, status)``."""
     src, dst, colorable = task
     if Path(dst).exists():
@@ -139,7 +147,7 @@ def _convert(task: Tuple[str, str, bool]) -> Tuple[str, str]:
     return dst, "ok"
 
 
-def prepare_tuxpaint(root: Path, out: Path, *, limit: Optional[int], workers: Optional[int],
+def prepare_tuxpaint(root: Path, out: Path, *, limit: int | None, workers: int | None,
                      manifest: Manifest) -> None:
     """Build ``out`` (= ``root/tuxpaint``); fills ``manifest``."""
     deb = fetch_deb(PACKAGE, root, exclude=["*.ogg", "*.wav"])

@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch.distributed as dist
 
@@ -40,7 +40,7 @@ class CheckpointManager:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.name.startswith(_PREFIX) and (p / COMPLETE_MARK).is_file())
 
-    def latest(self) -> Optional[str]:
+    def latest(self) -> str | None:
         pointer = self.root / "latest"
         if pointer.is_file():
             tag = pointer.read_text().strip()
@@ -49,7 +49,7 @@ class CheckpointManager:
         tags = self.complete_tags()  # pointer missing or stale: newest complete folder
         return tags[-1] if tags else None
 
-    def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
         tag = self.tag_for(step)
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ class CheckpointManager:
             dist.barrier()
         return tag
 
-    def resolve(self, resume: Optional[str]) -> Tuple[Optional[Path], Optional[str]]:
+    def resolve(self, resume: str | None) -> tuple[Path | None, str | None]:
         """``resume`` ("auto", a checkpoints folder, a tag folder or None) -> (root, tag) or (None, None)."""
         if resume is None:
             return None, None
@@ -89,7 +89,7 @@ class CheckpointManager:
                                 f"or a checkpoints folder with a 'latest' pointer)")
 
     @staticmethod
-    def load(engine, root: Path, tag: str) -> Dict[str, Any]:
+    def load(engine, root: Path, tag: str) -> dict[str, Any]:
         path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
         if path is None:

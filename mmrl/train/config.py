@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from ..config import ConfigError
 from ..data.augment import AugConfig
@@ -16,13 +16,13 @@ LOSSES = ("clip", "siglip")
 @dataclass
 class DataConfig:
     train: str = ""                      # shard pattern(s); braces expand, "::" joins sources
-    weights: Optional[str] = None        # per-source weights "1::3" (resampled mode)
+    weights: str | None = None        # per-source weights "1::3" (resampled mode)
     resampled: bool = True               # infinite weighted resampling (False: epochs over the shards)
-    num_samples: Optional[int] = None    # samples per epoch; default from sizes.json
+    num_samples: int | None = None    # samples per epoch; default from sizes.json
     shuffle_buffer: int = 2000           # sample shuffle buffer (epoch mode)
     max_bad_samples: int = 1000          # consecutive bad samples before failing fast
     multi_caption: bool = False          # draw one of the sample's json "captions" per use instead of its txt
-    group_key: Optional[str] = None      # JSON field naming a sample's group (e.g. "concept"): samples of
+    group_key: str | None = None      # JSON field naming a sample's group (e.g. "concept"): samples of
                                          # one group are each other's positives (mmrl.train.group_loss)
     group_size: int = 1                  # > 1: batches hold groups of this many samples (needs group_key)
     group_shared_aug: bool = False       # a group's samples in a batch share their random augmentation
@@ -33,7 +33,7 @@ class TrainConfig:
     # model
     model: str = "mmrl-vit-tiny-p8-64"
     pool: str = "ggem"
-    pool_kwargs: Dict[str, Any] = field(default_factory=dict)
+    pool_kwargs: dict[str, Any] = field(default_factory=dict)
     final_ln_after_pool: bool = False
     lock_text: bool = False
     cache_text: bool = False             # with lock_text and an HF text tower: pooled text features computed once
@@ -45,13 +45,13 @@ class TrainConfig:
     batch_size: int = 64                 # per rank, per micro-step
     workers: int = 2                     # data-loading processes per rank
     # schedule
-    max_steps: Optional[int] = None      # optimizer steps; with epochs, whichever ends first
-    epochs: Optional[int] = None
+    max_steps: int | None = None      # optimizer steps; with epochs, whichever ends first
+    epochs: int | None = None
     lr: float = 5e-4
     p_lr_mult: float = 1.0               # learning-rate multiplier for GGeM's exponents
     weight_decay: float = 0.2
     warmup_steps: int = 100
-    betas: Tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-6
     grad_clip: float = 1.0
     # engine
@@ -68,7 +68,7 @@ class TrainConfig:
     # checkpoints and logging
     save_every: int = 1000               # optimizer steps between checkpoints
     keep_last: int = 3
-    resume: Optional[str] = "auto"       # "auto", a checkpoint folder, or null
+    resume: str | None = "auto"       # "auto", a checkpoint folder, or null
     output_dir: str = "runs/train"
     log_every: int = 10
     max_nonfinite_steps: int = 20        # consecutive skipped (non-finite) steps before aborting

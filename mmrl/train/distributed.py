@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -96,8 +96,8 @@ def _skip_shm_comm_op() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
-    zero: Dict[str, Any] = {"stage": cfg.zero_stage}
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
         zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
     if cfg.zero_stage == 3:

@@ -19,8 +19,6 @@ the group ids without gradient.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 import torch.distributed as dist
 from open_clip.loss import gather_features
@@ -49,10 +47,10 @@ class GroupContrastiveLoss(nn.Module):
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.rank, self.world_size = rank, world_size
         self.image_weight, self.image_temperature = float(image_weight), float(image_temperature)
-        self.last: Dict[str, float] = {}  # the terms of the latest call, for logging
+        self.last: dict[str, float] = {}  # the terms of the latest call, for logging
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logit_bias: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
         n = image_features.shape[0]
         device = image_features.device
         if groups is None:  # every sample its own group

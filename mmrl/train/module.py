@@ -13,7 +13,6 @@ forward (an in-place clamp after the optimizer step does neither).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
 
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
@@ -58,7 +57,7 @@ class ContrastiveModule(nn.Module):
             raise ValueError("model has no logit_scale parameter")
         self.model = model
 
-    def temperature(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def temperature(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()[0]
         bias = self.logit_bias[0] if getattr(self, "logit_bias", None) is not None else None
         return scale, bias
@@ -70,7 +69,7 @@ class ContrastiveModule(nn.Module):
         scale, bias = self.temperature()
         return image_features, text_features, scale, bias
 
-    def export_state_dict(self, params: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    def export_state_dict(self, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The wrapped model's own state dict (original keys, 0-dim temperature).
 
         ``params`` optionally maps this module's parameter names to full (e.g. gathered fp32)

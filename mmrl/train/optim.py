@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or is_ggem_exponent(name) or any(w in name for w in _NO_DECAY_WORDS)
 
 
-def param_groups(module: nn.Module, weight_decay: float, p_lr_mult: float = 1.0) -> List[Dict]:
+def param_groups(module: nn.Module, weight_decay: float, p_lr_mult: float = 1.0) -> list[dict]:
     """Groups ``decay`` / ``no_decay`` / ``ggem_p``, each with an ``lr_mult`` the schedule applies."""
     groups = {
         "decay": {"params": [], "weight_decay": weight_decay, "lr_mult": 1.0, "name": "decay"},

@@ -6,15 +6,13 @@ collective gather that every rank joins. Both helpers here are such collectives 
 """
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch
 from torch import nn
 
 __all__ = ["gathered_values", "full_state_dict"]
 
 
-def gathered_values(params: List[nn.Parameter], zero_stage: int) -> List[torch.Tensor]:
+def gathered_values(params: list[nn.Parameter], zero_stage: int) -> list[torch.Tensor]:
     """Full fp32 CPU copies of ``params``."""
     if zero_stage == 3:
         import deepspeed
@@ -24,7 +22,7 @@ def gathered_values(params: List[nn.Parameter], zero_stage: int) -> List[torch.T
     return [p.detach().float().cpu().clone() for p in params]
 
 
-def full_state_dict(engine, module, zero_stage: int) -> Dict[str, torch.Tensor]:
+def full_state_dict(engine, module, zero_stage: int) -> dict[str, torch.Tensor]:
     """The wrapped model's consolidated state dict (open_clip keys), from the fp32 master
     weights where DeepSpeed keeps them (bf16/fp16 or ZeRO), else from the module."""
     from deepspeed.utils import safe_get_full_fp32_param

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from ..progress import progress
 
@@ -33,12 +33,12 @@ class RunLog:
                 self.tb = None
         self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def step(self, step: int, postfix: Dict[str, str]) -> None:
+    def step(self, step: int, postfix: dict[str, str]) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)  # before update: its line shows this step's values
             self.bar.update(step - self.bar.n)
 
-    def record(self, step: int, values: Dict[str, Any]) -> None:
+    def record(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **values}

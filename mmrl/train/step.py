@@ -14,15 +14,13 @@ counters and the ranks in step -- and (b) whether a stop was requested anywhere.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import torch
 import torch.distributed as dist
 
 __all__ = ["contrastive_step", "agree"]
 
 
-def agree(nonfinite: bool, stop: bool, device) -> Tuple[bool, bool]:
+def agree(nonfinite: bool, stop: bool, device) -> tuple[bool, bool]:
     """(any rank non-finite, any rank asked to stop)."""
     flags = torch.tensor([float(nonfinite), float(stop)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -41,14 +39,14 @@ def _loss(loss_fn, image_f, text_f, scale, bias, groups=None):
     return loss_fn(image_f.float(), text_f.float(), scale.float(), None if bias is None else bias.float(), **extra)
 
 
-def _groups(batches: List[dict], device) -> Optional[torch.Tensor]:
+def _groups(batches: list[dict], device) -> torch.Tensor | None:
     """The micro-batches' group ids, concatenated (None when the batches carry none)."""
     if "group" not in batches[0]:
         return None
     return torch.cat([b["group"] for b in batches]).to(device)
 
 
-def contrastive_step(engine, loss_fn, batches: List[dict], device, dtype, stop: bool = False) -> Tuple[Optional[torch.Tensor], bool]:
+def contrastive_step(engine, loss_fn, batches: list[dict], device, dtype, stop: bool = False) -> tuple[torch.Tensor | None, bool]:
     """Run one optimizer step over ``batches`` (this rank's micro-batches, dicts with ``image``
     and ``text``, optionally ``group``). Returns (full-batch loss, or None when skipped as
     non-finite; stop agreed)."""

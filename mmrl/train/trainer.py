@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -109,9 +108,9 @@ class _Trainer:
         self.dtype = next(self.engine.module.parameters()).dtype
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main)
         self.step = 0
-        self.last_saved_step: Optional[int] = None  # decided locally: no rank reads another's files
+        self.last_saved_step: int | None = None  # decided locally: no rank reads another's files
         # micro_batches: batches taken from the loader (skipped steps consume data too)
-        self.state: Dict[str, float] = {"nonfinite_steps": 0, "samples_seen": 0, "micro_batches": 0}
+        self.state: dict[str, float] = {"nonfinite_steps": 0, "samples_seen": 0, "micro_batches": 0}
         root, tag = self.ckpt.resolve(cfg.resume)
         if tag:
             client = self.ckpt.load(self.engine, root, tag)
@@ -127,7 +126,7 @@ class _Trainer:
         self.resumed_from = f"{root}/{tag}" if tag else None
         self.pooler_p = getattr(self.module.model.visual.pooler, "p", None)
 
-    def _warm_text_cache(self) -> Dict[str, float]:
+    def _warm_text_cache(self) -> dict[str, float]:
         """Cached text features of every caption the shards can yield, computed before training
         (and before DeepSpeed partitions anything) in large batches rather than a few per step."""
         from ..data.caption_index import shard_captions
@@ -145,10 +144,9 @@ class _Trainer:
     # ------------------------------------------------------------------------------------
     def micro_batches(self):
         while True:  # the loader's iter() runs to the end of an epoch and continues with the next
-            for batch in self.loader:
-                yield batch
+            yield from self.loader
 
-    def optimizer_step(self, batches: List[dict], stop: bool):
+    def optimizer_step(self, batches: list[dict], stop: bool):
         return contrastive_step(self.engine, self.loss_fn, batches, self.device, self.dtype, stop)
 
     def save(self):
@@ -166,7 +164,7 @@ class _Trainer:
             dist.barrier()
         return target
 
-    def logged_values(self) -> Dict[str, object]:
+    def logged_values(self) -> dict[str, object]:
         """Temperature and GGeM exponents (gathered: a collective under ZeRO-3, called on all ranks)."""
         params = [self.module.logit_scale] + ([self.pooler_p] if self.pooler_p is not None else [])
         values = gathered_values(params, self.cfg.zero_stage)
@@ -175,7 +173,7 @@ class _Trainer:
             out["ggem_p"] = [round(float(v), 5) for v in values[1].clamp(min=self.module.model.visual.pooler.p_min)]
         return out
 
-    def run(self) -> Dict[str, object]:
+    def run(self) -> dict[str, object]:
         cfg, info = self.cfg, self.info
         log = RunLog(self.out, self.total_steps, self.step, info.is_main)
         if self.resumed_from:
@@ -241,7 +239,7 @@ class _Trainer:
         return summary
 
 
-def train(cfg: TrainConfig) -> Dict[str, object]:
+def train(cfg: TrainConfig) -> dict[str, object]:
     """Run training (in every process of the job); returns the run summary."""
     info = dist_info_from_env()
     init_distributed(info)
