@@ -87,7 +87,8 @@ def build_shards(folder: str, n_samples: int, n_shards: int, size: int = 256, qu
                 k = f"{s:05d}{count:04d}"
                 caption = " ".join(rng.choice(WORDS, int(rng.integers(5, 16))))
                 meta = {"key": k, "caption": caption, "width": size, "height": size, "status": "success"}
-                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()),
+                                  ("json", json.dumps(meta).encode())):
                     info = tarfile.TarInfo(f"{k}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -208,7 +209,8 @@ def main() -> None:
 
     medians = {k: statistics.median(v) for k, v in rates.items()}
     result = {}
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}; "
           f"{args.samples} samples of 256 px JPEG in {args.shards} shards ({photo_sources()[1]}), "
           f"batch {args.batch_size}, 1 worker, median of {args.rounds} rounds")
     for size in models:

@@ -123,7 +123,8 @@ def run_open_clip(shards: str, out: Path, steps: int, synthetic: bool) -> float:
     args = [sys.executable, str(launcher), "--model", MODEL, "--batch-size", str(BATCH), "--epochs", "1",
             "--train-num-samples", str(BATCH * steps), "--workers", "1", "--precision", "fp32", "--lr", "5e-4",
             "--warmup", "20", "--log-every-n-steps", "5", "--logs", str(out), "--name", "oc", "--save-frequency", "0",
-            "--report-to", "", "--zeroshot-frequency", "0", "--val-frequency", "0", "--local-loss", "--gather-with-grad"]
+            "--report-to", "", "--zeroshot-frequency", "0", "--val-frequency", "0", "--local-loss",
+            "--gather-with-grad"]
     if synthetic:
         args += ["--dataset-type", "synthetic"]
     else:

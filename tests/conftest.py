@@ -15,7 +15,8 @@ CORPUS_FIXTURES = frozenset({"corpora", "emoji", "tuxpaint", "fashion", "opencli
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process, demo or corpus-preparing test (left out by make test-fast)")
+    config.addinivalue_line("markers",
+                            "slow: multi-process, demo or corpus-preparing test (left out by make test-fast)")
 
 
 def pytest_collection_modifyitems(config, items):

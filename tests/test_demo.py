@@ -19,7 +19,8 @@ from mmrl.demo.report import SECTIONS
 from mmrl.demo.study import Stat, separated, verdict_sentences
 
 REPO = Path(__file__).resolve().parents[1]
-LIMIT_ARGS = "prepare_limits={" + ", ".join(f"{k}: {LIMITS[k]}" for k in ("emoji", "tuxpaint", "fashion-mnist", "glyphs")) + "}"
+LIMIT_ARGS = "prepare_limits={" + ", ".join(f"{k}: {LIMITS[k]}"
+                                            for k in ("emoji", "tuxpaint", "fashion-mnist", "glyphs")) + "}"
 CI_TRAIN = ["train.max_steps=3", "train.batch_size=16", "train.warmup_steps=1", "train.save_every=2",
             "train.log_every=1", "train.workers=0", "eval_batch_size=64", "eval_workers=0", "check_floor=false"]
 
@@ -40,7 +41,8 @@ def _trained_model_name(out: Path) -> str:
 
 def _demo_args(corpora: Path, out: Path) -> list:
     return ["demo", str(REPO / "configs" / "demo.yaml"), f"root={corpora}", f"out={out}",
-            f"suite={REPO / 'eval' / 'suites' / 'demo.yaml'}", LIMIT_ARGS, *CI_TRAIN, "baselines_alongside_training=true"]
+            f"suite={REPO / 'eval' / 'suites' / 'demo.yaml'}", LIMIT_ARGS, *CI_TRAIN,
+            "baselines_alongside_training=true"]
 
 
 @needs_apt
@@ -100,8 +102,8 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
     for name in seen:
         # one value per model: trained and the three baselines
         assert f"| {name} (training items) | cross-style image retrieval | mean R@1 |" in report
-        assert re.search(rf"^\| {name} \| cross-style image retrieval \| mean R@1, both directions( \| [0-9.]+){{4}} \|$",
-                         report, flags=re.M), name
+        assert re.search(rf"^\| {name} \| cross-style image retrieval \| mean R@1, both directions"
+                         rf"( \| [0-9.]+){{4}} \|$", report, flags=re.M), name
     # the exported model is a regular mmrl/open_clip model folder
     import mmrl
 
@@ -127,7 +129,8 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
 
     packaged = efficientnet_lite0_state_dict()["blocks.4.2.conv_pwl.weight"]
     models = {label: mmrl.load_model(out / label)[0] for label in ("untrained", "pretrained-init", "train/model")}
-    stems = {label: models[label].visual.conv1.body[-1][-1].conv_pwl.weight for label in ("untrained", "pretrained-init")}
+    stems = {label: models[label].visual.conv1.body[-1][-1].conv_pwl.weight
+             for label in ("untrained", "pretrained-init")}
     assert torch.equal(stems["pretrained-init"], packaged) and not torch.allclose(stems["untrained"], packaged)
     texts = {label: m.text.transformer.embeddings.word_embeddings.weight for label, m in models.items()}
     assert torch.equal(texts["pretrained-init"], texts["train/model"])  # locked MiniLM, as trained
@@ -175,7 +178,8 @@ def test_study_table_plot_and_verdict(tmp_path, corpora, emoji, tuxpaint, fashio
         assert cfg["pool"] == run.split("-")[0] and cfg["seed"] == int(run[-1]) and cfg["max_steps"] == 2
     table = (out / "table.md").read_text()
     assert "| dataset | task | metric | avg | ggem |" in table
-    assert re.search(r"\| emoji-noto \| zeroshot_retrieval \| rsum \| [\d.]+ ± [\d.]+ \(n=2\) \| [\d.]+ ± [\d.]+ \(n=2\) \|", table)
+    assert re.search(r"\| emoji-noto \| zeroshot_retrieval \| rsum \| [\d.]+ ± [\d.]+ \(n=2\) "
+                     r"\| [\d.]+ ± [\d.]+ \(n=2\) \|", table)
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
     text = (out / "study.md").read_text()
     assert "## Verdict" in text and "ggem vs avg:" in text and "## Runtime" in text
@@ -280,7 +284,8 @@ def test_floor_checks_compare_with_the_best_baseline():
                EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.18}, floor=True),
                EntryMetrics("emoji-category", "zeroshot", "ok", metrics={"acc1": 0.5}),     # not a floor set
                EntryMetrics("fashion-mnist", "linear-probe", "ok", metrics={"lp_acc1": 0.7}),  # not a floor set
-               EntryMetrics("seen-a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.2}, trained_on=True)]  # diagnostic
+               EntryMetrics("seen-a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.2},
+                            trained_on=True)]  # diagnostic
     baselines = {"untrained": [EntryMetrics("emoji-noto", "retrieval", "ok", metrics=ret(0.02)),
                                EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.10}),
                                EntryMetrics("fashion-mnist", "zeroshot", "ok", metrics={"acc1": 0.14})],
@@ -300,7 +305,8 @@ def test_floor_checks_compare_with_the_best_baseline():
     beside = {"pretrained-init": [EntryMetrics("a-b", "cross-retrieval", "ok", metrics={"recall@1": 0.39})]}
     checks = {(c.task, c.name): c for c in floor_checks(trained, {"untrained": baselines["untrained"]}, 0.05, beside)}
     cross = checks[("cross-retrieval", "a-b")]
-    assert cross.passed and cross.beside == {"pretrained-init": pytest.approx(0.39)} and cross.best_baseline == "untrained"
+    assert (cross.passed and cross.beside == {"pretrained-init": pytest.approx(0.39)}
+            and cross.best_baseline == "untrained")
     assert checks[("retrieval", "emoji-noto")].beside == {}
 
 

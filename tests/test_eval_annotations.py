@@ -128,7 +128,8 @@ def test_counts_asserted_for_recognised_test_sets(tmp_path):
         check_counts(ann)
     full = {"dataset": "flickr30k", "images": [
         {"filename": f"{i}.jpg", "split": "test", "imgid": i,
-         "sentences": [{"raw": f"c{i}-{k}", "tokens": [], "sentid": 5 * i + k} for k in range(5)]} for i in range(1000)]}
+         "sentences": [{"raw": f"c{i}-{k}", "tokens": [], "sentid": 5 * i + k} for k in range(5)]}
+        for i in range(1000)]}
     ok = read_annotations(write(tmp_path, "full.json", full))
     assert "asserted" in check_counts(ok)
     assert check_counts(read_annotations(write(tmp_path, "mine.json", {**full, "dataset": "mine"}))) is None

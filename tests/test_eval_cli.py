@@ -82,9 +82,12 @@ def test_sets_sharing_their_captions_share_one_text_cache_file(tmp_path, monkeyp
     real = feat_mod._encode_texts
     monkeypatch.setattr(feat_mod, "_encode_texts", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     texts = ["a red square", "a blue circle", "a green line"]
-    first = feat_mod.extract_text_features(model, tok, texts, progress=False, cache_dir=tmp_path, label="set-a-captions")
-    again = feat_mod.extract_text_features(model, tok, texts, progress=False, cache_dir=tmp_path, label="set-b-captions")
-    other = feat_mod.extract_text_features(model, tok, texts[::-1], progress=False, cache_dir=tmp_path, label="set-a-captions")
+    first = feat_mod.extract_text_features(model, tok, texts, progress=False, cache_dir=tmp_path,
+                                           label="set-a-captions")
+    again = feat_mod.extract_text_features(model, tok, texts, progress=False, cache_dir=tmp_path,
+                                           label="set-b-captions")
+    other = feat_mod.extract_text_features(model, tok, texts[::-1], progress=False, cache_dir=tmp_path,
+                                           label="set-a-captions")
     assert calls == [texts, texts[::-1]]
     assert torch.equal(first, again) and torch.allclose(other, first.flip(0), atol=1e-6)
 

@@ -198,7 +198,8 @@ def test_linear_probe_options_both_ways(tmp_path, capsys):
 
 def test_retrieval_keys_and_headline(tmp_path):
     (o,) = [e.options for e in load_suite(_suite(
-        tmp_path, "{task: retrieval, annotations: x.json, eccv: false, recall_k: [1, 10], count_check: false}")).entries]
+        tmp_path, "{task: retrieval, annotations: x.json, eccv: false, recall_k: [1, 10], "
+                  "count_check: false}")).entries]
     assert (o.eccv, o.recall_k, o.count_check, o.duplicate_captions) == (False, [1, 10], False, "auto")
     with pytest.raises(ValueError, match=r"config key 'duplicate_captions': expected one of auto, own, shared"):
         load_suite(_suite(tmp_path, "{task: retrieval, annotations: x.json, duplicate_captions: mine}"))

@@ -111,7 +111,8 @@ def _shards(folder, n_groups=12, per_group=3, n_shards=4):
         name = f"{s:05d}.tar"
         with tarfile.open(folder / name, "w") as tar:
             for j, (key, meta) in enumerate(part):
-                for ext, data in (("jpg", _jpeg(j)), ("txt", f"caption {key}".encode()), ("json", json.dumps(meta).encode())):
+                for ext, data in (("jpg", _jpeg(j)), ("txt", f"caption {key}".encode()),
+                                  ("json", json.dumps(meta).encode())):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

@@ -66,7 +66,8 @@ def jpeg(size=24, seed=None):
 
 
 def good(key):
-    return {"key": key, "jpg": jpeg(), "txt": f"caption of {key}", "json": {"key": key, "captions": [f"caption of {key}"]}}
+    return {"key": key, "jpg": jpeg(), "txt": f"caption of {key}",
+            "json": {"key": key, "captions": [f"caption of {key}"]}}
 
 
 def write_shard(path, samples, truncate_in=None):

@@ -313,7 +313,8 @@ def test_openclipart_metadata_and_blank_svgs(tmp_path):
 @pytest.mark.parametrize("ch, first, concept", [
     ("q", "the letter q", "glyph:q"), ("Q", "the letter Q", "glyph:q"), ("ä", "the letter ä with diaeresis", "glyph:ä"),
     ("Ä", "the letter Ä with diaeresis", "glyph:ä"), ("ß", "the letter sharp s", "glyph:ß"),
-    ("3", "the number three", "glyph:3"), ("£", "the pound sign", "glyph:£"), ("≠", "the not equal to symbol", "glyph:≠"),
+    ("3", "the number three", "glyph:3"), ("£", "the pound sign", "glyph:£"),
+    ("≠", "the not equal to symbol", "glyph:≠"),
     ("♞", "the black chess knight symbol", "glyph:♞"), ("\U0001D122", "the f clef symbol", "glyph:\U0001D122"),
     ("µ", "the micro sign", "glyph:µ"),
 ])
@@ -365,7 +366,7 @@ def test_glyphs_shards_captions_and_styles(corpora, glyphs):
 def test_glyph_rendering_filled_outline_and_coverage(corpora, glyphs):
     from PIL import ImageFont
 
-    from mmrl.prepare.glyphs import FONT_SIZE, _covered, render_glyph
+    from mmrl.prepare.glyphs import FONT_SIZE, covered_characters, render_glyph
 
     font_path = corpora / "_debs" / "fonts-dejavu-core" / "usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
     font = ImageFont.truetype(str(font_path), FONT_SIZE)
@@ -378,7 +379,7 @@ def test_glyph_rendering_filled_outline_and_coverage(corpora, glyphs):
 
     assert ink(outline) < 0.7 * ink(filled)  # an outline leaves the inside of the strokes white
     assert outline.getchannel("A").getbbox() is not None
-    covered = _covered(font_path)
+    covered = covered_characters(font_path)
     assert {"M", "q", "€"} <= covered and "\U0001D122" not in covered  # DejaVu draws no f clef
 
 

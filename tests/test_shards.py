@@ -66,11 +66,13 @@ def test_tsv_parquet_and_custom_columns(tmp_path, image_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    (tmp_path / "d.tsv").write_text("path\ttext\n" + "".join(f"images/img{i:02d}.png\tcap, with comma {i}\n" for i in range(3)))
+    (tmp_path / "d.tsv").write_text("path\ttext\n"
+                                    + "".join(f"images/img{i:02d}.png\tcap, with comma {i}\n" for i in range(3)))
     records = read_table(tmp_path / "d.tsv", image_col="path", caption_col="text")
     assert [r.caption for r in records] == [f"cap, with comma {i}" for i in range(3)]
     assert records[0].image == str(tmp_path / "images" / "img00.png")
-    pq.write_table(pa.table({"image": [str(image_dir / "img01.png")], "caption": ["from parquet"]}), tmp_path / "d.parquet")
+    pq.write_table(pa.table({"image": [str(image_dir / "img01.png")], "caption": ["from parquet"]}),
+                   tmp_path / "d.parquet")
     assert read_table(tmp_path / "d.parquet")[0].captions == ["from parquet"]
     with pytest.raises(DataFormatError, match=r"d.tsv: column 'image' not found .*--image-col"):
         read_table(tmp_path / "d.tsv")
@@ -114,8 +116,8 @@ def karpathy_fixture(tmp_path, with_filepath=True):
     images = []
     for i, split in enumerate(["train", "restval", "val", "test", "train"]):
         img = {"sentids": [2 * i, 2 * i + 1], "filename": f"img{i:02d}.png", "imgid": i, "split": split,
-               "sentences": [{"tokens": ["a", "b"], "raw": f"karpathy {i} sentence {k}", "imgid": i, "sentid": 2 * i + k}
-                             for k in range(2)]}
+               "sentences": [{"tokens": ["a", "b"], "raw": f"karpathy {i} sentence {k}", "imgid": i,
+                              "sentid": 2 * i + k} for k in range(2)]}
         if with_filepath:
             img.update(filepath="sub", cocoid=5000 + i)
         images.append(img)
@@ -136,7 +138,8 @@ def test_karpathy_splits_and_round_trip(tmp_path, image_dir):
     assert flickr[0].image == str(image_dir / "img03.png")  # no filepath field
     summary = build_shards(records, tmp_path / "out", progress=False)
     assert summary["samples"] == 3
-    assert [s[1] for s in read_back(tmp_path / "out")] == ["karpathy 0 sentence 0", "karpathy 1 sentence 0", "karpathy 4 sentence 0"]
+    assert [s[1] for s in read_back(tmp_path / "out")] == ["karpathy 0 sentence 0", "karpathy 1 sentence 0",
+                                                           "karpathy 4 sentence 0"]
     with pytest.raises(DataFormatError, match="unknown split"):
         read_karpathy(karpathy_fixture(tmp_path), tmp_path, ["dev"])
 
@@ -149,7 +152,8 @@ def test_malformed_annotations_name_file_and_field(tmp_path):
     bad.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
     with pytest.raises(DataFormatError, match=r"bad.json: images\[0\] has no field 'file_name'"):
         read_coco(bad, tmp_path)
-    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "caption": "x"}]}))
+    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                               "annotations": [{"image_id": 2, "caption": "x"}]}))
     with pytest.raises(DataFormatError, match=r"annotations\[0\].image_id 2 is not in images"):
         read_coco(bad, tmp_path)
     bad.write_text(json.dumps({"images": [{"split": "train", "filename": "a.jpg", "sentences": "x"}]}))
@@ -187,7 +191,8 @@ def test_alpha_flattened_and_exif_orientation_applied(tmp_path):
     img = Image.new("RGB", (400, 100), (0, 200, 0))
     img.paste((255, 0, 0), (0, 0, 40, 100))  # red strip on the left
     img.save(tmp_path / "rotated.jpg", exif=exif)
-    records = [ImageTextRecord(str(tmp_path / "alpha.png"), ["alpha"]), ImageTextRecord(str(tmp_path / "rotated.jpg"), ["rot"])]
+    records = [ImageTextRecord(str(tmp_path / "alpha.png"), ["alpha"]),
+               ImageTextRecord(str(tmp_path / "rotated.jpg"), ["rot"])]
     build_shards(records, tmp_path / "out", max_size=200, progress=False)
     urls = [str(tmp_path / "out" / "00000.tar")]
     alpha, rotated = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"))
@@ -267,9 +272,11 @@ def jpeg_bytes():
 
 def test_check_reports_bad_samples_and_unreadable_shards(tmp_path, capsys):
     good = jpeg_bytes()
-    write_tar(tmp_path / "00000.tar", [("a.jpg", good), ("a.txt", b"fine"), ("b.jpg", b"garbage"), ("b.txt", b"bad image"),
-                                       ("c.jpg", good), ("d.txt", b"no image"), ("e.jpg", good), ("e.txt", b"  ")])
-    write_tar(tmp_path / "00001.tar", [(f"k{i}.jpg", good) for i in range(20)] + [(f"k{i}.txt", b"x") for i in range(20)])
+    write_tar(tmp_path / "00000.tar", [("a.jpg", good), ("a.txt", b"fine"), ("b.jpg", b"garbage"),
+                                       ("b.txt", b"bad image"), ("c.jpg", good), ("d.txt", b"no image"),
+                                       ("e.jpg", good), ("e.txt", b"  ")])
+    write_tar(tmp_path / "00001.tar", [(f"k{i}.jpg", good) for i in range(20)]
+                                      + [(f"k{i}.txt", b"x") for i in range(20)])
     data = (tmp_path / "00001.tar").read_bytes()
     for cut in (512 * 7, 512 * 7 + 100):  # at a member boundary, and inside a member's data
         (tmp_path / "00001.tar").write_bytes(data[:cut])
@@ -298,7 +305,8 @@ def test_sizes_from_img2dataset_stats(tmp_path):
 
 def test_cli_build_and_errors(tmp_path, image_dir, capsys):
     (tmp_path / "d.csv").write_text("image,caption\nimages/img00.png,hello\nimages/img01.png,world\n")
-    assert main(["shard", "build", "--csv", str(tmp_path / "d.csv"), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert main(["shard", "build", "--csv", str(tmp_path / "d.csv"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
     assert "2 samples written, 0 skipped" in capsys.readouterr().out
     assert main(["shard", "build", "--coco", str(tmp_path / "d.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "--images ROOT is required" in capsys.readouterr().err

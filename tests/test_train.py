@@ -286,11 +286,13 @@ def test_config_errors_name_the_key(tmp_path):
     assert cfg.lr == 3e-4 and cfg.data.resampled is False and list(cfg.betas) == [0.9, 0.95]
     proc = subprocess.run([sys.executable, "-m", "mmrl", "train", TINY, "data.train=x", "loss=triplet"],
                           capture_output=True, text=True, env=env(), cwd=ROOT)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mmrl train: error: config key 'loss'")
+    assert (proc.returncode == 2
+            and proc.stderr.strip().splitlines()[-1].startswith("mmrl train: error: config key 'loss'"))
 
 
 @pytest.mark.parametrize("pool", ["tok", "avg", "gem", "ggem"])
 def test_gpu_recipes_are_valid(pool):
-    cfg = load_config(TrainConfig, ROOT / "configs" / f"cc3m-vitb16-{pool}.yaml", ["data.train=/data/cc3m/{00000..00331}.tar"])
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"cc3m-vitb16-{pool}.yaml",
+                      ["data.train=/data/cc3m/{00000..00331}.tar"])
     assert (cfg.model, cfg.pool, cfg.precision, cfg.zero_stage) == ("ViT-B-16", pool, "bf16", 1)
     assert cfg.local_loss and cfg.gather_with_grad and cfg.epochs == 32

@@ -24,8 +24,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-@command("demo", "the main job: prepare real corpora, train, evaluate, write runs/demo/report.md (--study: pooling study)",
-         _arguments)
+@command("demo", "the main job: prepare real corpora, train, evaluate, write runs/demo/report.md "
+                 "(--study: pooling study)", _arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
     import json
 

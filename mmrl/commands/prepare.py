@@ -14,7 +14,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help=f"corpus: {', '.join(CORPORA)}")
     p.add_argument("--root", required=True, help="data folder; the corpus goes to ROOT/NAME/")
     p.add_argument("--limit", type=int, default=None, help="process at most this many source items (quick runs)")
-    p.add_argument("--workers", type=int, default=None, help="processes for rendering and sharding (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for rendering and sharding (default: all cores)")
     p.add_argument("--force", action="store_true", help="redo even if ROOT/NAME/manifest.json says it is done")
 
 

@@ -10,12 +10,14 @@ from .registry import command
 def _arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="write shards from a table, a folder, COCO or Karpathy annotations",
-                       description="Write img2dataset-layout webdataset shards (jpg/txt/json, *_stats.json, sizes.json).")
+                       description="Write img2dataset-layout webdataset shards "
+                                   "(jpg/txt/json, *_stats.json, sizes.json).")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--csv", metavar="FILE", help="CSV/TSV/parquet of local image paths and captions")
     src.add_argument("--folder", metavar="DIR", help="images with same-stem .txt captions")
     src.add_argument("--coco", metavar="FILE", help="COCO captions JSON (captions_train2014.json style)")
-    src.add_argument("--karpathy", metavar="FILE", help="Karpathy split file (dataset_coco.json, dataset_flickr30k.json)")
+    src.add_argument("--karpathy", metavar="FILE",
+                     help="Karpathy split file (dataset_coco.json, dataset_flickr30k.json)")
     b.add_argument("--images", metavar="ROOT", help="image root for --coco / --karpathy")
     b.add_argument("--splits", default="train,restval", help="Karpathy splits to include (default: train,restval)")
     b.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -19,11 +19,12 @@ Preprocess (:func:`plan_transform`)
 
     * ``"tensor"`` plan (``fast_resize=True``, the default) -- when the geometric steps are
       only ``RandomResizedCrop`` / ``Resize`` / ``CenterCrop`` with bilinear or bicubic
-      interpolation (plus the photometric steps of :mod:`mmrl.data.augment`), they run on the uint8 image as a channels-last tensor with torch's
-      antialiased uint8 kernels, which follow PIL's filters (outputs agree with PIL's to a few
-      8-bit levels, see tests) and are several times faster. ``RandomResizedCrop`` boxes are
-      drawn from the same distribution as torchvision's ``get_params`` but with Python's
-      ``random`` (:func:`inception_crop_box`), so the augmentation is unchanged.
+      interpolation (plus the photometric steps of :mod:`mmrl.data.augment`), they run on the
+      uint8 image as a channels-last tensor with torch's antialiased uint8 kernels, which
+      follow PIL's filters (outputs agree with PIL's to a few 8-bit levels, see tests) and are
+      several times faster. ``RandomResizedCrop`` boxes are drawn from the same distribution
+      as torchvision's ``get_params`` but with Python's ``random`` (:func:`inception_crop_box`),
+      so the augmentation is unchanged.
     * ``"pil"`` plan -- the steps before ``ToTensor`` run unchanged on the PIL image (exact
       open_clip output, up to float rounding); used with ``fast_resize=False`` or any other
       PIL step (colour jitter, ...).

@@ -94,7 +94,8 @@ def _need(obj: dict, key: str, kind, path: Path, where: str):
         raise DataFormatError(f"{path}: {where} has no field {key!r}")
     value = obj[key]
     if not isinstance(value, kind):
-        raise DataFormatError(f"{path}: {where}.{key} should be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        raise DataFormatError(f"{path}: {where}.{key} should be {getattr(kind, '__name__', kind)}, "
+                              f"got {type(value).__name__}")
     return value
 
 
@@ -127,7 +128,8 @@ def read_coco(annotations: str | Path, images_root: str | Path) -> list[ImageTex
     ]
 
 
-def read_karpathy(path: str | Path, images_root: str | Path, splits: Sequence[str] = ("train", "restval")) -> list[ImageTextRecord]:
+def read_karpathy(path: str | Path, images_root: str | Path,
+                  splits: Sequence[str] = ("train", "restval")) -> list[ImageTextRecord]:
     """Karpathy split file (``dataset_coco.json``, ``dataset_flickr30k.json``, ...).
 
     Image path: ``images_root / filepath / filename`` (``filepath`` is absent for Flickr).

@@ -53,7 +53,8 @@ from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 __all__ = [
     "LoaderStallError", "StreamStats", "ShardErrorHandler", "derive_seed", "epoch_passes",
-    "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "sample_json", "sample_group", "group_samples", "group_id",
+    "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "sample_json", "sample_group",
+    "group_samples", "group_id",
     "SAMPLE_SKIP_REASONS",
 ]
 

@@ -40,9 +40,11 @@ class StudyConfig:
     def validate(self) -> None:
         bad = [p for p in self.pools if p not in POOLS]
         if bad or not self.pools:
-            raise ConfigError(f"config key 'study.pools': expected a non-empty list of {', '.join(POOLS)}, got {self.pools!r}")
+            raise ConfigError(f"config key 'study.pools': expected a non-empty list of {', '.join(POOLS)}, "
+                              f"got {self.pools!r}")
         if self.recipe not in ("pinned", "demo"):
-            raise ConfigError(f"config key 'study.recipe': expected 'pinned' (apply study.train) or 'demo', got {self.recipe!r}")
+            raise ConfigError(f"config key 'study.recipe': expected 'pinned' (apply study.train) or 'demo', "
+                              f"got {self.recipe!r}")
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ConfigError(f"config key 'study.seeds': expected distinct integers, got {self.seeds!r}")
 
@@ -85,7 +87,8 @@ class DemoConfig:
         if missing:
             raise ConfigError(f"config key 'train_corpora': {missing[0]!r} is not in 'corpora' (it must be prepared)")
         if self.prepare_limit is not None and self.prepare_limit < 1:
-            raise ConfigError(f"config key 'prepare_limit': expected a positive integer or null, got {self.prepare_limit!r}")
+            raise ConfigError(f"config key 'prepare_limit': expected a positive integer or null, "
+                              f"got {self.prepare_limit!r}")
         for name, n in self.prepare_limits.items():
             if name not in self.corpora or not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise ConfigError(f"config key 'prepare_limits.{name}': expected a corpus of 'corpora' with a "
@@ -95,11 +98,14 @@ class DemoConfig:
             raise ConfigError(f"config key 'baselines': unknown baseline {bad[0]!r} (known: {', '.join(BASELINES)})")
         bad = [b for b in self.floor_baselines if b not in BASELINES]
         if bad:
-            raise ConfigError(f"config key 'floor_baselines': unknown baseline {bad[0]!r} (known: {', '.join(BASELINES)})")
+            raise ConfigError(f"config key 'floor_baselines': unknown baseline {bad[0]!r} "
+                              f"(known: {', '.join(BASELINES)})")
         for name, patterns in self.baseline_exclude.items():
-            if name not in BASELINES or not isinstance(patterns, list) or not all(isinstance(x, str) and x for x in patterns):
-                raise ConfigError(f"config key 'baseline_exclude.{name}': expected a baseline of {', '.join(BASELINES)} "
-                                  f"with a list of task names or name substrings, got {patterns!r}")
+            if name not in BASELINES or not isinstance(patterns, list) or not all(isinstance(x, str) and x
+                                                                                  for x in patterns):
+                raise ConfigError(f"config key 'baseline_exclude.{name}': expected a baseline of "
+                                  f"{', '.join(BASELINES)} with a list of task names or name substrings, "
+                                  f"got {patterns!r}")
         for key in ("raw_pixel_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r}: expected an integer >= 1, got {getattr(self, key)!r}")

@@ -98,7 +98,8 @@ def _beside_lines(checks: list[FloorCheck], beside: Sequence[str], margin: float
         behind = [c for c in compared if c.trained - c.beside[b] < margin]
         lines.append(f"Against *{b}* (beside the floor, not part of it) the trained model is ahead by at least "
                      f"{100 * margin:.0f} points on {len(compared) - len(behind)} of {len(compared)} sets"
-                     + (f"; not on {', '.join(f'{c.name} ({c.task}, {100 * (c.trained - c.beside[b]):+.1f})' for c in behind)}."
+                     + (f"; not on "
+                        f"{', '.join(f'{c.name} ({c.task}, {100 * (c.trained - c.beside[b]):+.1f})' for c in behind)}."
                         if behind else "."))
     return lines
 
@@ -108,8 +109,8 @@ def _baseline_text(cfg, shown: Sequence[str]) -> str:
     about = {
         "untrained": "*untrained* is the same architecture untrained: every weight at random initialisation (the "
                      "recipe's seed; no pretrained weights loaded)",
-        "pretrained-init": "*pretrained-init* is the recipe's model at step 0, what training starts from: its pretrained "
-                           "parts (a locked text tower, a pretrained stem) loaded, the rest random",
+        "pretrained-init": "*pretrained-init* is the recipe's model at step 0, what training starts from: its "
+                           "pretrained parts (a locked text tower, a pretrained stem) loaded, the rest random",
         "raw-pixels": f"*raw-pixels* represents an image by its {cfg.raw_pixel_size}x{cfg.raw_pixel_size} RGB pixels "
                       "(nearest neighbour for image retrieval, logistic regression for the linear probe; it has no "
                       "text side)",
@@ -126,7 +127,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def render_report(*, cfg, tcfg, description, summary: dict, records: list[dict], manifests: dict[str, dict],
+def render_report(*, cfg, tcfg, description, suite, summary: dict, records: list[dict], manifests: dict[str, dict],
                   entries: dict[str, list[EntryResult]], checks: list[FloorCheck], plots: dict[str, Path],
                   timings: dict[str, float], out: Path, files: list[Path], train_reused: bool,
                   measured: dict[str, float] | None = None) -> str:
@@ -136,14 +137,16 @@ def render_report(*, cfg, tcfg, description, summary: dict, records: list[dict],
     beside = [b for b in labels[1:] if b not in cfg.floor_baselines]
     failed = [c for c in checks if not c.passed]
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731 - links relative to the report
-    text_tower = "locked pretrained MiniLM-L6 (LiT), text features cached" if tcfg.lock_text else "trained from scratch"
+    text_tower = description.text_tower + (
+        (", locked (LiT)" + (", text features cached" if tcfg.cache_text else "")) if tcfg.lock_text else ", trained")
     lines = [
         "# mmrl demo report", "",
-        f"Generated {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} by `mmrl demo` on {_machine()}.", "",
+        f"Generated {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} by `mmrl demo` "
+        f"on {_machine()}.", "",
         "## Summary", "",
         f"A {tcfg.model} CLIP with **{tcfg.pool}** pooling ({text_tower}) trained for {summary.get('step')} steps of "
         f"{tcfg.batch_size} image-text pairs on {', '.join(cfg.train_corpora)} and evaluated on data it never saw: "
-        "held-out emoji concepts in three drawing styles, Tux Paint stamps and Fashion-MNIST.", "",
+        f"{suite.description or 'its suite'} (`{suite.name}` suite, `{cfg.suite}`).", "",
     ]
     if checks:
         verdict = (f"**Quality floor met**: the trained model beats every floor baseline "
@@ -151,7 +154,8 @@ def render_report(*, cfg, tcfg, description, summary: dict, records: list[dict],
                    f"{100 * cfg.floor_margin:.0f} points on all {len(checks)} checked sets."
                    if not failed else
                    f"**Quality floor NOT met** on {len(failed)} of {len(checks)} checked sets "
-                   f"({', '.join(f'{c.name} ({c.task})' for c in failed)}): margin below {100 * cfg.floor_margin:.0f} points.")
+                   f"({', '.join(f'{c.name} ({c.task})' for c in failed)}): "
+                   f"margin below {100 * cfg.floor_margin:.0f} points.")
         lines += [verdict, ""] + [x + "\n" for x in _beside_lines(checks, beside, cfg.floor_margin)]
     # data
     lines += ["## Data", "", "| corpus | counts | prepared in |", "|---|---|---|"]
@@ -172,12 +176,14 @@ def render_report(*, cfg, tcfg, description, summary: dict, records: list[dict],
               + (" (reused: finished earlier with the same recipe)" if train_reused else ""),
               f"- model `{tcfg.model}`, pooling `{tcfg.pool}` {tcfg.pool_kwargs or ''}, text tower {text_tower}",
               f"- image tower: {description.image_tower}",
-              f"- {summary.get('step')} steps x batch {tcfg.batch_size}, lr {tcfg.lr:g} (warmup {tcfg.warmup_steps}, cosine), "
-              f"weight decay {tcfg.weight_decay:g}, GGeM p lr x{tcfg.p_lr_mult:g}, {tcfg.precision}, ZeRO-{tcfg.zero_stage}",
+              f"- {summary.get('step')} steps x batch {tcfg.batch_size}, lr {tcfg.lr:g} "
+              f"(warmup {tcfg.warmup_steps}, cosine), weight decay {tcfg.weight_decay:g}, "
+              f"GGeM p lr x{tcfg.p_lr_mult:g}, {tcfg.precision}, ZeRO-{tcfg.zero_stage}",
               f"- augmentation: crop scale {tuple(aug.scale)}, grayscale p={aug.grayscale:g}, invert p={aug.invert:g}, "
               f"low resolution p={aug.low_res:g} (side {tuple(aug.low_res_size)})",
               *_grouping_lines(tcfg, last),
-              f"- final loss {summary.get('final_loss', float('nan')):.3f}, logit scale {last.get('logit_scale', float('nan')):.2f}, "
+              f"- final loss {summary.get('final_loss', float('nan')):.3f}, "
+              f"logit scale {last.get('logit_scale', float('nan')):.2f}, "
               f"median {sorted(rates)[len(rates) // 2] if rates else float('nan'):.0f} samples/s, "
               f"skipped samples {summary.get('skipped_samples', 0)}",
               "", f"![loss curve]({rel(plots['loss'])})", "", f"![learned p per group]({rel(plots['pooling_p'])})", ""]
@@ -190,7 +196,8 @@ def render_report(*, cfg, tcfg, description, summary: dict, records: list[dict],
     lines += ["## Quality floor", "",
               f"Headline metric per set; pass when trained - best floor baseline "
               f"({', '.join(floor_labels) or 'none'}) >= {100 * cfg.floor_margin:.0f} points"
-              + (f"; {', '.join(beside)}: shown beside the floor with the trained model's gap, not part of it." if beside
+              + (f"; {', '.join(beside)}: shown beside the floor with the trained model's gap, "
+                 f"not part of it." if beside
                  else "."), ""]
     lines += _floor_table(checks, beside) if checks else ["No floor set was evaluated."]
     lines += _fit_table(labels, entries)

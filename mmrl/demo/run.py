@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..evaluation import get_task
+from ..evaluation import get_task, load_suite
 from ..fileio import atomic_write_text
 from .config import DemoConfig
 from .floor import floor_checks
@@ -137,7 +137,8 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
     }
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1, allow_nan=True) + "\n")
     files.append(out / "demo.json")
-    text = render_report(cfg=cfg, tcfg=tcfg, description=description, summary=summary, records=records,
+    text = render_report(cfg=cfg, tcfg=tcfg, description=description, suite=load_suite(cfg.suite, root=root),
+                         summary=summary, records=records,
                          manifests=manifests, entries=entries,
                          checks=checks, plots=plots, timings=timings, measured=measured, out=out, files=files,
                          train_reused=reused_run)

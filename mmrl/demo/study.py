@@ -166,9 +166,9 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
                 extra["pool_kwargs"] = {}
             tcfg = cfg.train_config(shards, out / name / "train", extra=extra, prefix="study.train.")
             _, train_reused = run_training(tcfg, force, log)
-            entries, eval_reused = evaluate(str(out / name / "train" / "model"), Path(cfg.suite), root, out / "eval" / name,
-                     only=cfg.study.only or cfg.only, batch_size=cfg.eval_batch_size, workers=cfg.eval_workers,
-                     log=log, force=force, exclude=cfg.study.exclude)
+            entries, eval_reused = evaluate(str(out / name / "train" / "model"), Path(cfg.suite), root,
+                     out / "eval" / name, only=cfg.study.only or cfg.only, batch_size=cfg.eval_batch_size,
+                     workers=cfg.eval_workers, log=log, force=force, exclude=cfg.study.exclude)
             # a reused run keeps the time measured when it ran (study.json of that invocation)
             reused = train_reused and eval_reused
             seconds[name] = previous.get(name, time.perf_counter() - t0) if reused else time.perf_counter() - t0
@@ -190,7 +190,8 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     for pool, seed, _ in runs:
         if pool in ("gem", "ggem", "cgem"):
             finals.setdefault(pool, []).append(_final_p(out / f"{pool}-seed{seed}" / "train"))
-    sentences = verdict_sentences(stats) + ["", "Learned exponents:", ""] + [f"- {t}" for t in learned_p_sentences(finals)]
+    sentences = (verdict_sentences(stats) + ["", "Learned exponents:", ""]
+                 + [f"- {t}" for t in learned_p_sentences(finals)])
     runtime = time.perf_counter() - t_all
     per_run = sorted(seconds.values())
     lines = ["# Pooling study", "",

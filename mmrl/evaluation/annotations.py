@@ -1,15 +1,17 @@
 """Image-caption retrieval annotation files, detected by content.
 
-============== ============================================================================ =========
-format         schema                                                                       e.g.
-============== ============================================================================ =========
-``karpathy``   ``{"dataset", "images": [{"filepath"?, "filename", "split", "sentences":     ``dataset_coco.json``,
-               [{"raw", "tokens", "sentid", ...}], "cocoid"?, "imgid"}]}``; one split kept  ``dataset_flickr30k.json``
-``coco``       COCO captions: ``{"images": [{"id", "file_name"}], "annotations":          ``coco_test_karpathy.json``
-               [{"image_id", "id", "caption"}]}`` (CLIP_benchmark's Karpathy split files)   (CLIP_benchmark)
-``csv``        header ``image,caption``, one row per caption (pandas CSV quoting)            ``flickr30k_test_karpathy.txt``
-``blip``       ``[{"image": path, "caption": [str, ...] | str}]`` (BLIP/ALBEF)              ``coco_karpathy_test.json``
-============== ============================================================================ =========
+============== ========================================================================= =========
+format         schema                                                                    e.g.
+============== ========================================================================= =========
+``karpathy``   ``{"dataset", "images": [{"filepath"?, "filename", "split", "sentences":  ``dataset_coco.json``,
+               [{"raw", "tokens", "sentid", ...}], "cocoid"?, "imgid"}]}``;              ``dataset_flickr30k.json``
+               one split kept
+``coco``       COCO captions: ``{"images": [{"id", "file_name"}], "annotations":         ``coco_test_karpathy.json``
+               [{"image_id", "id", "caption"}]}`` (CLIP_benchmark's Karpathy             (CLIP_benchmark)
+               split files)
+``csv``        header ``image,caption``, one row per caption (pandas CSV quoting)        ``flickr30k_test_karpathy.txt``
+``blip``       ``[{"image": path, "caption": [str, ...] | str}]`` (BLIP/ALBEF)           ``coco_karpathy_test.json``
+============== ========================================================================= =========
 
 Every caption of an image is one caption entry whose positive is that image. A file is
 *recognised* as a standard test set -- COCO 5K (Karpathy test), Flickr30k 1K, Flickr8k 1K --
@@ -219,8 +221,9 @@ def _blip(path: Path, data: list[Any]) -> RetrievalAnnotations:
             owner.append(i)
     benchmark = _FILENAMES.get(path.name)
     images = list(index)
-    return RetrievalAnnotations(path, "blip", BENCHMARK_DATASET.get(benchmark, path.stem), "test" if benchmark else None,
-                                images, captions, owner, images, None, benchmark, image_dirs=[""])
+    return RetrievalAnnotations(path, "blip", BENCHMARK_DATASET.get(benchmark, path.stem),
+                                "test" if benchmark else None, images, captions, owner, images, None, benchmark,
+                                image_dirs=[""])
 
 
 def _csv(path: Path, text: str) -> RetrievalAnnotations:

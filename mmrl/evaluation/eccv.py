@@ -47,5 +47,6 @@ def eccv_metrics(ann: RetrievalAnnotations, text_emb: torch.Tensor, image_emb: t
     t2i = {cap_ids[j]: [img_ids[i] for i in row] for j, row in enumerate(t2i_top.tolist())}
     i2t = {img_ids[i]: [cap_ids[j] for j in row] for i, row in enumerate(i2t_top.tolist())}
     scores = metrics.compute_all_metrics(i2t, t2i, target_metrics=TARGET_METRICS, Ks=(1, 5, 10), verbose=False)
-    out = {f"{name}_{direction}": float(value) for name, by_dir in scores.items() for direction, value in by_dir.items()}
+    out = {f"{name}_{direction}": float(value)
+           for name, by_dir in scores.items() for direction, value in by_dir.items()}
     return out, f"computed with eccv_caption from top-{TOP_K} rankings: {', '.join(TARGET_METRICS)}"

@@ -151,7 +151,8 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                                                  metadata={"format": str(FORMAT), "model_fingerprint": fingerprint, **meta}))
+                                                  metadata={"format": str(FORMAT), "model_fingerprint": fingerprint,
+                                                            **meta}))
 
 
 class _Safe(Dataset):

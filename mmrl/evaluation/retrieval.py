@@ -100,7 +100,8 @@ def evaluate(model, dataloader, tokenizer, device, amp: bool = True, recall_k_li
     dev = torch.device(device)
     images, texts, owner = [], [], []
     start = 0
-    for batch_images, batch_texts in progress_bar(dataloader, desc="retrieval", unit="batch", enabled=progress, leave=False):
+    for batch_images, batch_texts in progress_bar(dataloader, desc="retrieval", unit="batch", enabled=progress,
+                                                  leave=False):
         tokens = tokenizer([t for caps in batch_texts for t in caps]).to(dev)
         owner.extend(start + i for i, caps in enumerate(batch_texts) for _ in caps)
         start += len(batch_images)

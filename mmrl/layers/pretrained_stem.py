@@ -14,7 +14,7 @@ The stem maps ``(B, 3, H, W)`` (normalised with mean = std = 0.5, the weights' o
 class token and pooling are unchanged. A 1x1 convolution (always trainable) maps its 112
 channels to the token width. ``locked=True`` (the default) freezes the pretrained stages and
 keeps their BatchNorm statistics fixed: the forward pass runs without autograd state, which makes
-a training step cheap on CPU (measured: 0.07 s for 64 images at 64 px on one thread, channels-last).
+a training step cheap on CPU (docs/experiments/13-pretrained-stem.md).
 ``train_stages=k`` (with ``locked``) fine-tunes the last ``k`` stages' weights (blocks.4, the
 112-channel stage, for k = 1); their BatchNorm statistics stay the ImageNet ones, so a sample's
 features never depend on its batch and data-parallel ranks compute the update of one.

@@ -67,7 +67,8 @@ def list_models(*, include_open_clip: bool = True) -> list[str]:
     ours = sorted(_MODEL_CONFIGS)
     if not include_open_clip:
         return ours
-    theirs = [n for n in open_clip.list_models() if n not in _MODEL_CONFIGS and _is_vit_config(open_clip.get_model_config(n))]
+    theirs = [n for n in open_clip.list_models()
+              if n not in _MODEL_CONFIGS and _is_vit_config(open_clip.get_model_config(n))]
     return ours + theirs
 
 
@@ -219,7 +220,8 @@ def create_model(
     """
     if cache_text and not lock_text:
         raise ValueError("cache_text=True needs lock_text=True (only a frozen text tower can be cached)")
-    cfg = resolve_model_cfg(name, pool, pool_kwargs, final_ln_after_pool, image_size, vision_cfg, text_cfg, **model_overrides)
+    cfg = resolve_model_cfg(name, pool, pool_kwargs, final_ln_after_pool, image_size, vision_cfg, text_cfg,
+                            **model_overrides)
     model = create_model_from_config(cfg, lock_text=lock_text, precision=precision, device=device,
                                      output_dict=output_dict, pretrained=pretrained, name=name)
     if cache_text:
@@ -235,7 +237,8 @@ def create_transforms(model: torch.nn.Module, aug_cfg: Any = None):
     return image_transform_v2(pp_cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(pp_cfg, is_train=False)
 
 
-def create_model_and_transforms(name: str, pool: str | None = "ggem", *, aug_cfg: Any = None, **kwargs: Any) -> tuple[torch.nn.Module, Any, Any]:
+def create_model_and_transforms(name: str, pool: str | None = "ggem", *, aug_cfg: Any = None,
+                                **kwargs: Any) -> tuple[torch.nn.Module, Any, Any]:
     """``(model, preprocess_train, preprocess_val)`` like ``open_clip.create_model_and_transforms``."""
     model = create_model(name, pool, **kwargs)
     return (model, *create_transforms(model, aug_cfg))

@@ -38,7 +38,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_model(model: torch.nn.Module, path: str | os.PathLike,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (built by mmrl) to folder ``path``; files are replaced atomically.
 
     ``state_dict`` may be given when the weights come from elsewhere (e.g. a consolidated
@@ -55,7 +56,8 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, state_dict: dict
     config = {
         "model_cfg": meta["model_cfg"],
         "preprocess_cfg": dict(model.visual.preprocess_cfg),
-        "mmrl": {"format_version": FORMAT_VERSION, "name": meta.get("name", ""), "lock_text": meta.get("lock_text", False)},
+        "mmrl": {"format_version": FORMAT_VERSION, "name": meta.get("name", ""),
+                 "lock_text": meta.get("lock_text", False)},
     }
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
@@ -85,7 +87,8 @@ def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}")
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", precision: str = "fp32") -> tuple[torch.nn.Module, Any, Any]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               precision: str = "fp32") -> tuple[torch.nn.Module, Any, Any]:
     """Load a folder written by :func:`save_model`: returns ``(model, preprocess, tokenizer)``, model in eval mode."""
     folder = Path(path)
     config = read_model_config(folder)

@@ -131,7 +131,7 @@ def emoji_codepoints() -> set:
     return {chr(int(v.code, 16)) for c in load_concepts() for v in c.variants if "-" not in v.code}
 
 
-def _covered(font_path: Path) -> set:
+def covered_characters(font_path: Path) -> set:
     """The characters a font file maps to a glyph (its best cmap)."""
     TTFont = require("fontTools.ttLib", feature="the glyphs corpus").TTFont
 
@@ -201,7 +201,7 @@ def prepare_glyphs(root: Path, out: Path, *, limit: int | None, workers: int | N
         paths[face.name] = debs[face.package].dir / face.path
         if not paths[face.name].is_file():
             raise PrepareError(f"{paths[face.name]}: font file missing from Debian package {face.package}")
-    covered = {name: _covered(path) for name, path in paths.items()}
+    covered = {name: covered_characters(path) for name, path in paths.items()}
     chosen = {name: [] for name in paths}  # each character: MAX_FACES of the faces that have it
     for ch in chars:
         having = sorted((n for n in paths if ch in covered[n]),

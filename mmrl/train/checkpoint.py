@@ -38,7 +38,8 @@ class CheckpointManager:
     def complete_tags(self):
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.name.startswith(_PREFIX) and (p / COMPLETE_MARK).is_file())
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.name.startswith(_PREFIX) and (p / COMPLETE_MARK).is_file())
 
     def latest(self) -> str | None:
         pointer = self.root / "latest"
@@ -85,8 +86,8 @@ class CheckpointManager:
             tag = CheckpointManager(path, self.keep_last, False).latest()
             if tag:
                 return path, tag
-        raise FileNotFoundError(f"resume={resume}: no complete checkpoint there (expected a folder with {COMPLETE_MARK} "
-                                f"or a checkpoints folder with a 'latest' pointer)")
+        raise FileNotFoundError(f"resume={resume}: no complete checkpoint there (expected a folder with "
+                                f"{COMPLETE_MARK} or a checkpoints folder with a 'latest' pointer)")
 
     @staticmethod
     def load(engine, root: Path, tag: str) -> dict[str, Any]:

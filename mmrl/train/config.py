@@ -107,7 +107,8 @@ class TrainConfig:
         if self.data.group_size < 1:
             raise bad("data.group_size", "an integer >= 1", self.data.group_size)
         if self.data.group_size > 1 and not self.data.group_key:
-            raise ConfigError("config key 'data.group_size': grouping needs data.group_key (the JSON field naming the group)")
+            raise ConfigError("config key 'data.group_size': grouping needs data.group_key "
+                              "(the JSON field naming the group)")
         if self.image_loss_weight < 0:
             raise bad("image_loss_weight", "a float >= 0", self.image_loss_weight)
         if self.image_loss_weight > 0 and not self.data.group_key:
@@ -117,6 +118,7 @@ class TrainConfig:
         if self.data.group_key and self.loss != "clip":
             raise ConfigError(f"config key 'data.group_key': grouped training needs loss=clip, not {self.loss!r}")
         if not self.data.train:
-            raise ConfigError("config key 'data.train': set the training shards (e.g. data.train='shards/{00000..00009}.tar')")
+            raise ConfigError("config key 'data.train': set the training shards "
+                              "(e.g. data.train='shards/{00000..00009}.tar')")
         if self.data.weights is not None and len(self.data.weights.split("::")) != len(self.data.train.split("::")):
             raise ConfigError("config key 'data.weights': give one weight per '::'-separated source in data.train")

@@ -46,7 +46,8 @@ def _groups(batches: list[dict], device) -> torch.Tensor | None:
     return torch.cat([b["group"] for b in batches]).to(device)
 
 
-def contrastive_step(engine, loss_fn, batches: list[dict], device, dtype, stop: bool = False) -> tuple[torch.Tensor | None, bool]:
+def contrastive_step(engine, loss_fn, batches: list[dict], device, dtype,
+                     stop: bool = False) -> tuple[torch.Tensor | None, bool]:
     """Run one optimizer step over ``batches`` (this rank's micro-batches, dicts with ``image``
     and ``text``, optionally ``group``). Returns (full-batch loss, or None when skipped as
     non-finite; stop agreed)."""

@@ -95,7 +95,8 @@ class _Trainer:
         self.text_warm = self._warm_text_cache() if cfg.cache_text and cfg.warm_text_cache else None
         steps_per_epoch = self.loader.num_batches // cfg.grad_accum
         if steps_per_epoch < 1:
-            raise ValueError(f"an epoch has {self.loader.num_batches} batches per rank, fewer than grad_accum={cfg.grad_accum}")
+            raise ValueError(f"an epoch has {self.loader.num_batches} batches per rank, "
+                             f"fewer than grad_accum={cfg.grad_accum}")
         limits = [s for s in (cfg.max_steps, cfg.epochs * steps_per_epoch if cfg.epochs else None) if s]
         self.total_steps = min(limits)
         self.steps_per_epoch = steps_per_epoch
@@ -206,12 +207,14 @@ class _Trainer:
                 window_steps += 1
                 window_wait += wait
                 elapsed = time.time() - window_start
-                log.step(self.step, {"loss": f"{last_loss:.4f}", "samples/s": f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}"})
+                log.step(self.step, {"loss": f"{last_loss:.4f}",
+                                     "samples/s": f"{window_steps * global_batch / max(elapsed, 1e-9):.1f}"})
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     values = {"loss": last_loss, **getattr(self.loss_fn, "last", {}), "lr": lr_used,
                               "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9),
                               "data_wait_share": window_wait / max(elapsed, 1e-9),
-                              "skipped_samples": self.loader.num_skipped, "skipped_steps": self.state["nonfinite_steps"],
+                              "skipped_samples": self.loader.num_skipped,
+                              "skipped_steps": self.state["nonfinite_steps"],
                               "epoch": (self.step * cfg.grad_accum) // self.loader.num_batches, **self.logged_values()}
                     log.record(self.step, values)
                     window_start, window_steps, window_wait = time.time(), 0, 0.0

@@ -48,11 +48,12 @@ def main():
         if "stem" in flags:
             extra["vision_cfg"] = {"conv_stem": {"channels": [8, 16, 32], "norm": "groupnorm"}}
         if "pstem" in flags:
-            extra["vision_cfg"] = {"pretrained_stem": {"name": "efficientnet_lite0", "train_stages": 1}, "patch_size": 16}
+            extra["vision_cfg"] = {"pretrained_stem": {"name": "efficientnet_lite0", "train_stages": 1},
+                                   "patch_size": 16}
         module = ContrastiveModule(create_model("mmrl-vit-tiny-p8-64", "ggem", **extra))
         optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size),
-                                               dist_init_required=False)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, info.world_size), dist_init_required=False)
         grouped = "group" in flags
         loss_fn = make_loss("siglip" if siglip else "clip", True, True, info.rank, info.world_size,
                             grouped=grouped, image_weight=1.0 if grouped else 0.0)
