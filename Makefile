@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# everything but the tests marked slow (multi-process, demo, corpus-preparing): about a minute
+# everything but the tests marked slow (multi-process, demo, corpus-preparing), in two worker
+# processes of one intra-op thread each: about a minute on 2 cores
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 # lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests
 lint: install

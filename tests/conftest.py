@@ -1,8 +1,9 @@
 """Shared fixtures, and the ``slow`` marker (``make test-fast`` runs ``-m "not slow"``).
 
-Slow tests are the multi-process ones (marked where they are defined), the demo's (its module
-is marked) and every test that uses a prepared real corpus (marked here, from its fixtures: the
-corpora are fetched through package clients and prepared once per session).
+Slow tests are the multi-process ones (training ranks, a killed or signalled child, the demo's
+second process: marked where they are defined, or here by the two-rank fixture they use), the
+demo's end-to-end runs, and every test that uses a prepared real corpus (marked here, from its
+fixtures: the corpora are fetched through package clients and prepared once per session).
 """
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from helpers.corpora import prepared
 
 CORPUS_FIXTURES = frozenset({"corpora", "emoji", "tuxpaint", "fashion", "openclipart", "glyphs"})
+PROCESS_FIXTURES = frozenset({"step_results"})  # tests/test_train.py: one step on two DeepSpeed ranks
 
 
 def pytest_configure(config):
@@ -21,7 +23,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if CORPUS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if (CORPUS_FIXTURES | PROCESS_FIXTURES) & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

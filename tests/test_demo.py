@@ -258,6 +258,7 @@ def test_thread_env_limits_a_childs_cpu_threads():
     assert thread_env(None).get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
 
 
+@pytest.mark.slow
 def test_a_failing_baseline_job_names_its_log(tmp_path):
     """The second process's error surfaces in the parent, pointing at the log that holds it."""
     from mmrl.demo.steps import BaselineJob

@@ -232,6 +232,7 @@ shards.build_shards(records, sys.argv[1], shard_size=3, workers=1, progress=Fals
 """
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_to_the_same_result(tmp_path, image_dir):
     paths = [str(p) for p in sorted(image_dir.glob("*.png"))]
     records = [ImageTextRecord(p, [Path(p).stem]) for p in paths]

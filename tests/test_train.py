@@ -78,6 +78,7 @@ def read_log(out: Path):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_process_zero2_training_run(tmp_path, shards):
     out = tmp_path / "run"
     run(torchrun(2, "-m", "mmrl", "train", TINY, f"data.train={shards}", "batch_size=16", "max_steps=8",
@@ -213,6 +214,7 @@ def train_cmd(shards, out, *extra):
             "lr=1e-3", "warmup_steps=2", "log_every=1", f"output_dir={out}", *extra]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(tmp_path, shards):
     common = ("max_steps=8", "save_every=2")
     run(train_cmd(shards, tmp_path / "whole", *common))
@@ -238,6 +240,7 @@ def test_exact_resume_after_sigkill(tmp_path, shards):
     assert not different, f"resumed run differs in {different[:5]}"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
     out = tmp_path / "term"
     proc = subprocess.Popen(train_cmd(shards, out, "max_steps=500", "save_every=1000"), env=env(), cwd=ROOT,
@@ -255,6 +258,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
     assert "stopped at step" in stdout
 
 
+@pytest.mark.slow
 def test_one_cpu_process_does_not_compile_the_shared_memory_op(tmp_path):
     """init_distributed for one CPU process: a working process group, and DeepSpeed's shm op (only
     useful between processes) is neither compiled into a fresh extensions folder nor loaded."""
@@ -271,6 +275,7 @@ def test_one_cpu_process_does_not_compile_the_shared_memory_op(tmp_path):
     assert not any(extensions.rglob("*shm*")), sorted(extensions.rglob("*"))
 
 
+@pytest.mark.slow
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="'zero_stage': expected 0, 1, 2 or 3"):
         load_config(TrainConfig, TINY, ["data.train=x", "zero_stage=4"])
