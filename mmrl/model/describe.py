@@ -73,7 +73,11 @@ def _text_tower(model: nn.Module) -> tuple[str, str | None]:
     config = getattr(hf, "config", None)
     if config is not None:
         kind = getattr(config, "model_type", "hf")
-        source = str(getattr(config, "_name_or_path", "") or kind).rstrip("/").split("/")[-1]
+        # a packaged tower is named by its package (``pkg:MODULE``), a hub or local one by its path's last part
+        named = str((getattr(model, "mmrl_cfg", None) or {}).get("model_cfg", {}).get("text_cfg", {})
+                    .get("hf_model_name", ""))
+        path = str(getattr(config, "_name_or_path", "") or kind).rstrip("/")
+        source = named.removeprefix("pkg:") if named.startswith("pkg:") else path.split("/")[-1]
         pooling = type(getattr(inner, "pooler", None)).__name__.removesuffix("Pooler").lower() or "?"
         words = (f"Hugging Face {kind} encoder '{source}' ({config.num_hidden_layers} layers, width "
                  f"{config.hidden_size}, {pooling} pooling)")
