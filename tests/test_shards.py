@@ -333,3 +333,121 @@ def test_shard_captions_lists_every_caption_once(tmp_path, image_dir):
     assert shard_captions(train, multi_caption=True, max_samples=4) is None  # 5 samples: too many to read first
     (tmp_path / "b" / "sizes.json").unlink()
     assert shard_captions(train, multi_caption=True, max_samples=100) is None  # unsized: not read up front
+
+
+def test_csv_unquoted_delimiter_is_an_error_or_joined(tmp_path, image_dir, capsys):
+    table = tmp_path / "pairs.csv"
+    rows = ["image,caption"] + [f"images/img{i:02d}.png,caption {i}" for i in range(5)]
+    rows.insert(6, "images/img05.png,A frog, sitting on a log")  # line 7 of the file
+    table.write_text("\n".join(rows) + "\n")
+    message = (f"{table}: row 7 has 3 fields, the header has 2 (image, caption); quote captions that contain "
+               "the delimiter, or pass --join-extra-fields to join them into the caption")
+    with pytest.raises(DataFormatError) as err:
+        read_table(table)
+    assert str(err.value) == message
+    out = tmp_path / "out"
+    assert main(["shard", "build", "--csv", str(table), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"mmrl shard: error: {message}"]
+    assert not out.exists()
+
+    assert main(["shard", "build", "--csv", str(table), "--out", str(out), "--no-progress",
+                 "--join-extra-fields"]) == 0
+    captions = [s[1] for s in read_back(out)]
+    assert captions == [f"caption {i}" for i in range(5)] + ["A frog, sitting on a log"]
+    assert read_back(out)[-1][2]["caption"] == "A frog, sitting on a log"
+
+    tsv = tmp_path / "pairs.tsv"  # TSV the same; a quoted caption is fine either way
+    tsv.write_text("caption\timage\nA frog\tsitting\timages/img00.png\n\"quoted\ttab\"\timages/img01.png\n")
+    with pytest.raises(DataFormatError, match=r"pairs.tsv: row 2 has 3 fields, the header has 2 \(caption, image\)"):
+        read_table(tsv)
+    with pytest.raises(DataFormatError, match="--join-extra-fields needs the caption column last"):
+        read_table(tsv, join_extra_fields=True)
+    tsv.write_text("image\tcaption\nimages/img00.png\tA frog\tsitting\n\"images/img01.png\"\t\"quoted\ttab\"\n")
+    assert [r.caption for r in read_table(tsv, join_extra_fields=True)] == ["A frog\tsitting", "quoted\ttab"]
+    assert main(["shard", "build", "--folder", str(image_dir), "--out", str(tmp_path / "f"),
+                 "--join-extra-fields"]) == 2
+    assert "--join-extra-fields applies to --csv" in capsys.readouterr().err
+
+
+def test_csv_byte_order_mark_and_undecodable_bytes(tmp_path, image_dir):
+    table = tmp_path / "pairs.csv"
+    table.write_bytes(b"\xef\xbb\xbfimage,caption\r\nimages/img00.png,caf\xc3\xa9\r\nimages/img01.png,two\r\n")
+    records = read_table(table)  # the BOM is not part of the first column's name
+    assert [r.caption for r in records] == ["caf\u00e9", "two"]
+    assert records[0].image == str(image_dir / "img00.png")
+    lines = [b"image,caption"] + [b"images/img%02d.png,caption %d" % (i, i) for i in range(11)]
+    lines[11] = b"img,caf\xe9"  # Latin-1, line 12
+    table.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataFormatError) as err:
+        read_table(table)
+    assert str(err.value) == f"{table}: row 12: not UTF-8 (byte 0xe9 at column 8)"
+
+
+def test_replaced_image_rebuilds_its_shard_and_force_rebuilds_all(tmp_path, image_dir):
+    records = [ImageTextRecord(str(p), [p.stem]) for p in sorted(image_dir.glob("*.png"))]
+    out = tmp_path / "out"
+    build_shards(records, out, shard_size=4, workers=1, progress=False)
+    before = shard_bytes(out)
+    stats_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}
+    # same path and caption, new pixels (same size on disk would still differ in mtime)
+    replaced = Path(records[5].image)
+    make_image(replaced, size=(300, 200), color=(0, 255, 0))
+    os.utime(replaced, ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
+    summary = build_shards(records, out, shard_size=4, workers=1, progress=False)
+    assert summary["reused"] == 2 and summary["samples"] == 12
+    after = shard_bytes(out)
+    assert after["00000.tar"] == before["00000.tar"] and after["00002.tar"] == before["00002.tar"]
+    assert after["00001.tar"] != before["00001.tar"]
+    samples = {s[0]: s for s in read_back(out)}
+    assert samples["000011"][1] == replaced.stem
+    with wds.WebDataset([str(out / "00001.tar")], shardshuffle=False, empty_check=False).decode("pil") as ds:
+        pixel = [s["jpg"].getpixel((5, 5)) for s in ds][1]
+    assert pixel == pytest.approx((0, 255, 0), abs=8)  # the new pixels
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}["00000_stats.json"] == \
+        stats_before["00000_stats.json"]
+    # a fresh build of the same input gives the same bytes (determinism kept)
+    build_shards(records, tmp_path / "fresh", shard_size=4, workers=1, progress=False)
+    assert shard_bytes(tmp_path / "fresh") == after
+
+    assert build_shards(records, out, shard_size=4, progress=False)["reused"] == 3  # nothing changed
+    summary = build_shards(records, out, shard_size=4, progress=False, force=True)
+    assert summary["reused"] == 0 and summary["samples"] == 12
+    assert all(p.stat().st_mtime_ns > stats_before["00000_stats.json"] for p in out.glob("*_stats.json"))
+    assert shard_bytes(out) == after
+    table = tmp_path / "d.csv"
+    table.write_text("image,caption\n" + "".join(f"{r.image},{r.caption}\n" for r in records))
+    args = ["shard", "build", "--csv", str(table), "--out", str(tmp_path / "cli"), "--shard-size", "4",
+            "--no-progress", "--workers", "1"]
+    assert main(args) == 0
+    assert main(args) == 0 and json.loads((tmp_path / "cli" / "00000_stats.json").read_text())
+    marker = (tmp_path / "cli" / "00002_stats.json").stat().st_mtime_ns
+    assert main([*args, "--force"]) == 0
+    assert (tmp_path / "cli" / "00002_stats.json").stat().st_mtime_ns > marker
+
+
+def test_check_on_missing_folder_writes_nothing_and_out_on_a_file(tmp_path, image_dir, capsys):
+    missing = tmp_path / "shards" / "mine"
+    assert main(["shard", "check", str(missing), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"mmrl shard: error: {missing}: no shards found (expected *.tar files)"]
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "sizes.json").exists()
+    # an empty folder next to real sizes.json: nothing overwritten
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "sizes.json").write_text('{"00000.tar": 5}\n')
+    for spec in (str(tmp_path / "empty"), str(tmp_path / "empty" / "{00000..00001}.tar"),
+                 str(tmp_path / "empty" / "*.tar")):
+        assert main(["shard", "check", spec, "--no-progress"]) == 2
+        assert "no shards found (expected *.tar files)" in capsys.readouterr().err
+    assert (tmp_path / "empty" / "sizes.json").read_text() == '{"00000.tar": 5}\n'
+
+    target = tmp_path / "a_file"
+    target.write_text("not a folder")
+    (tmp_path / "d.csv").write_text("image,caption\nimages/img00.png,hello\n")
+    assert main(["shard", "build", "--csv", str(tmp_path / "d.csv"), "--out", str(target), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mmrl shard: error: --out {target}: is a file, not a folder"]
+    assert target.read_text() == "not a folder"
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        build_shards(read_table(tmp_path / "d.csv"), target, progress=False)
+    with pytest.raises(ValueError, match="cannot create the output folder"):
+        build_shards(read_table(tmp_path / "d.csv"), target / "sub", progress=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from .registry import command
 
@@ -27,6 +28,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     b.add_argument("--image-col", default="image", help="table column with image paths (default image)")
     b.add_argument("--caption-col", default="caption", help="table column with captions (default caption)")
+    b.add_argument("--join-extra-fields", action="store_true",
+                   help="CSV/TSV whose caption column is the last one: join a row's extra fields (unquoted "
+                        "delimiters in the caption) back into the caption instead of failing")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild every shard, ignoring finished shards already in --out")
     b.add_argument("--no-progress", action="store_true")
 
     c = sub.add_parser("check", help="read every shard and image; (re)write sizes.json",
@@ -42,7 +48,10 @@ def _records(args: argparse.Namespace):
     from ..data import sources
 
     if args.csv:
-        return sources.read_table(args.csv, args.image_col, args.caption_col)
+        return sources.read_table(args.csv, args.image_col, args.caption_col,
+                                  join_extra_fields=args.join_extra_fields)
+    if args.join_extra_fields:
+        raise ValueError("--join-extra-fields applies to --csv tables only")
     if args.folder:
         return sources.read_folder(args.folder)
     if not args.images:
@@ -56,11 +65,14 @@ def _records(args: argparse.Namespace):
 def _build(args: argparse.Namespace) -> int:
     from ..data.shards import build_shards, format_summary
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before reading a possibly large input
+        raise ValueError(f"--out {args.out}: is a file, not a folder")
     records = _records(args)
     if not records:
         raise ValueError("the input has no records")
     summary = build_shards(records, args.out, max_size=args.max_size, shard_size=args.shard_size,
-                           workers=args.workers, quality=args.quality, progress=not args.no_progress)
+                           workers=args.workers, quality=args.quality, progress=not args.no_progress,
+                           force=args.force)
     print(format_summary(summary))
     return 0
 

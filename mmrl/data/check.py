@@ -23,6 +23,7 @@ from .shards import write_sizes
 
 __all__ = ["ShardReport", "expand_shards", "check_shards", "sizes_from_stats"]
 
+NO_SHARDS = "no shards found (expected *.tar files)"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt",)
 
@@ -50,7 +51,7 @@ def expand_shards(spec: str) -> list[str]:
             matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
             paths.extend(matches)
     if not paths:
-        raise FileNotFoundError(f"{spec}: no shards found")
+        raise FileNotFoundError(f"{spec}: {NO_SHARDS}")
     return paths
 
 
@@ -112,12 +113,20 @@ def check_shard(path: str) -> ShardReport:
 
 
 def check_shards(spec: str, write_sizes_json: bool = True, progress: bool = True) -> list[ShardReport]:
-    """Check every shard of ``spec``; writes ``sizes.json`` (good samples) in each shard folder."""
-    reports = [check_shard(p) for p in progress_bar(expand_shards(spec), desc="checking shards", unit="shard",
-                                                    enabled=progress)]
+    """Check every shard of ``spec``; writes ``sizes.json`` (good samples) in each shard folder.
+
+    A spec that names no existing shard (a mistyped folder) raises :class:`FileNotFoundError` and
+    writes nothing; a named shard that does not exist is reported unreadable but gets no
+    ``sizes.json`` entry, so no folder is created and no count is overwritten with zero."""
+    paths = expand_shards(spec)
+    if not any(os.path.isfile(p) for p in paths):
+        raise FileNotFoundError(f"{spec}: {NO_SHARDS}")
+    reports = [check_shard(p) for p in progress_bar(paths, desc="checking shards", unit="shard", enabled=progress)]
     if write_sizes_json:
         by_dir: dict[str, dict[str, int]] = defaultdict(dict)
         for r in reports:
+            if not os.path.isfile(r.path):
+                continue
             by_dir[os.path.dirname(os.path.abspath(r.path))][os.path.basename(r.path)] = r.samples
         for folder, sizes in by_dir.items():
             target = Path(folder) / "sizes.json"

@@ -13,9 +13,12 @@ give byte-identical shards. A sample whose image cannot be read or decoded, or w
 caption, is skipped and counted by reason; its key stays unused.
 
 Each shard is written to a temporary name and renamed when complete; its stats file is
-renamed last and marks completion together with a fingerprint of the shard's records and the
-options. Running the build again keeps finished shards whose fingerprint matches and redoes
-the rest, so an interrupted build resumes.
+renamed last and marks completion together with a fingerprint of the shard's records (image
+path, captions, source, meta), each image file's size and modification time (``os.stat``; the
+pixels are not hashed, so the check stays cheap) and the options. Running the build again keeps
+finished shards whose fingerprint matches and redoes the rest, so an interrupted build resumes
+and a replaced or repaired image (new size or mtime) gets its shard rebuilt. ``force=True``
+rebuilds every shard whatever is there.
 """
 from __future__ import annotations
 
@@ -58,10 +61,23 @@ class ShardOptions:
             raise ValueError(f"max_size must be >= 8 pixels, got {self.max_size}")
 
 
+def _file_state(image) -> list[int] | None:
+    """``[size, mtime_ns]`` of an image file; ``None`` when it cannot be stat'ed (or is in-memory bytes)."""
+    if not isinstance(image, (str, os.PathLike)):
+        return None
+    try:
+        st = os.stat(image)
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _fingerprint(records: Sequence[ImageTextRecord], options: ShardOptions) -> str:
+    """Records, their image files' size and mtime, and the options: what a shard's bytes depend on."""
     h = hashlib.sha1(json.dumps(asdict(options), sort_keys=True).encode())
     for r in records:
-        h.update(json.dumps([r.image, r.captions, r.source, r.meta], sort_keys=True, default=str).encode())
+        h.update(json.dumps([r.image, r.captions, r.source, r.meta, _file_state(r.image)],
+                            sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -185,13 +201,22 @@ def build_shards(
     quality: int = 90,
     progress: bool = True,
     desc: str = "sharding",
+    force: bool = False,
 ) -> dict:
     """Write ``records`` as shards into ``out_dir``; returns a summary dict
-    ``{"out", "shards", "reused", "samples", "failures": {reason: n}}``."""
+    ``{"out", "shards", "reused", "samples", "failures": {reason: n}}``.
+
+    Finished shards whose fingerprint (records, image size and mtime, options) matches are reused;
+    ``force`` rebuilds them all."""
     options = ShardOptions(max_size=max_size, shard_size=shard_size, quality=quality)
     options.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder (the output must be a folder)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
     for leftover in out.glob(f".*{TMP_MARK}*"):  # from an interrupted run
         leftover.unlink(missing_ok=True)
     n_shards = (len(records) + shard_size - 1) // shard_size
@@ -208,7 +233,8 @@ def build_shards(
         chunk = records[shard_id * shard_size: (shard_id + 1) * shard_size]
         fingerprint = _fingerprint(chunk, options)
         stats = _read_stats(out / f"{shard_id:05d}{STATS_SUFFIX}")
-        if stats and stats.get("fingerprint") == fingerprint and (out / f"{shard_id:05d}.tar").is_file():
+        if (not force and stats and stats.get("fingerprint") == fingerprint
+                and (out / f"{shard_id:05d}.tar").is_file()):
             reused += 1
             done_samples += len(chunk)
             continue

@@ -11,7 +11,9 @@ was expected. Records keep the input order, so shard keys are deterministic.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -42,28 +44,84 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
-def read_table(path: str | Path, image_col: str = "image", caption_col: str = "caption") -> list[ImageTextRecord]:
-    """CSV (``,``), TSV (``.tsv``: tab) or parquet; relative image paths resolve against the file's folder."""
+def _decode_table(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark; undecodable bytes name the row."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        row = data.count(b"\n", 0, err.start) + 1
+        raise DataFormatError(f"{path}: row {row}: not UTF-8 (byte 0x{data[err.start]:02x} "
+                              f"at column {err.start - line_start + 1})") from None
+
+
+def _check_columns(path: Path, columns: Sequence[str], image_col: str, caption_col: str) -> None:
+    for col, flag in ((image_col, "--image-col"), (caption_col, "--caption-col")):
+        if col not in columns:
+            raise DataFormatError(f"{path}: column {col!r} not found (columns: {list(columns)}; choose with {flag})")
+
+
+def _read_delimited(path: Path, delimiter: str, image_col: str, caption_col: str, join_extra_fields: bool):
+    """``(columns, rows)`` of a CSV/TSV file; a row with more fields than the header is an error
+    (or, with ``join_extra_fields`` and the caption column last, has its extra fields joined into the caption)."""
+    reader = csv.reader(io.StringIO(_decode_table(path), newline=""), delimiter=delimiter)
+    try:
+        return _delimited_rows(path, reader, delimiter, image_col, caption_col, join_extra_fields)
+    except csv.Error as err:  # e.g. a NUL byte, or an unterminated quote at the end of the file
+        raise DataFormatError(f"{path}: row {reader.line_num}: {err}") from None
+
+
+def _delimited_rows(path: Path, reader, delimiter: str, image_col: str, caption_col: str, join_extra_fields: bool):
+    columns = next(reader, [])
+    _check_columns(path, columns, image_col, caption_col)
+    if join_extra_fields and columns[-1] != caption_col:
+        raise DataFormatError(f"{path}: --join-extra-fields needs the caption column last, "
+                              f"but the header is ({', '.join(columns)})")
+    rows: list[dict] = []
+    line = reader.line_num
+    for fields in reader:
+        row_line, line = line + 1, reader.line_num  # a quoted field may span lines: report where the row starts
+        if not fields:
+            continue  # blank line
+        if len(fields) > len(columns):
+            if not join_extra_fields:
+                raise DataFormatError(
+                    f"{path}: row {row_line} has {len(fields)} fields, the header has {len(columns)} "
+                    f"({', '.join(columns)}); quote captions that contain the delimiter, "
+                    "or pass --join-extra-fields to join them into the caption")
+            fields = fields[: len(columns) - 1] + [delimiter.join(fields[len(columns) - 1:])]
+        rows.append(dict(zip(columns, fields)))  # a short row leaves its last columns unset
+    return columns, rows
+
+
+def read_table(path: str | Path, image_col: str = "image", caption_col: str = "caption", *,
+               join_extra_fields: bool = False) -> list[ImageTextRecord]:
+    """CSV (``,``), TSV (``.tsv``: tab) or parquet; relative image paths resolve against the file's folder.
+
+    CSV/TSV are read as UTF-8 (a byte-order mark is accepted). A row with more fields than the header
+    (an unquoted delimiter in a caption) is an error naming the row, unless ``join_extra_fields`` is set
+    and the caption column is the last one: then the extra fields are joined back into the caption.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
     if path.suffix.lower() == ".parquet":
+        if join_extra_fields:
+            raise DataFormatError(f"{path}: --join-extra-fields applies to CSV/TSV files only")
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataFormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         table = pq.read_table(path)
         columns = table.column_names
+        _check_columns(path, columns, image_col, caption_col)
         rows: Iterable[dict] = table.to_pylist()
     else:
         delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    for col, flag in ((image_col, "--image-col"), (caption_col, "--caption-col")):
-        if col not in columns:
-            raise DataFormatError(f"{path}: column {col!r} not found (columns: {list(columns)}; choose with {flag})")
+        columns, rows = _read_delimited(path, delimiter, image_col, caption_col, join_extra_fields)
     base = path.parent
     source = f"table:{path.name}"
     records = []
