@@ -209,6 +209,31 @@ def test_table_side_by_side_with_mean_and_std_over_seeds(tmp_path, capsys):
     assert lines[1].startswith("cifar10,zeroshot_classification,acc1,0.55,0.0707107,2,0.4,,1")
 
 
+def test_table_of_a_parent_folder_finds_the_results_in_its_subfolders(tmp_path, capsys):
+    from mmrl.evaluation.context import ModelInfo
+    from mmrl.evaluation.results import write_result
+
+    info = ModelInfo(ARCH, "x", "ggem", "saved", "k")
+    runs = tmp_path / "runs"
+    for folder, acc in (("ggem-seed0/eval", 0.50), ("ggem-seed1/eval", 0.60), ("avg", 0.40),
+                        ("avg/.mmrl/cache", 0.99)):
+        write_result(runs / folder, "cifar10", "zeroshot_classification",
+                     {"acc1": acc, "acc5": 0.9, "mean_per_class_recall": acc}, info, {})
+    (runs / "ggem-seed0" / "summary.json").write_text('{"step": 8}')  # a run's files are not results
+    (runs / "avg" / "suite_x.json").write_text('{"entries": []}')
+    assert run("table", runs) == 0
+    out = capsys.readouterr().out
+    assert "| dataset | task | metric | avg | ggem/eval |" in out
+    assert "| cifar10 | zeroshot_classification | acc1 | 40.00 | 55.00 ± 7.07 (n=2) |" in out
+    assert run("table", f"mine={runs}", "--format", "csv", "--metrics", "acc1") == 0
+    assert capsys.readouterr().out.startswith("dataset,task,metric,mine/avg,mine/avg std,mine/avg n,mine/ggem/eval,")
+    assert run("table", runs / "avg") == 0  # a folder holding results itself: only its own files
+    assert "| avg |" in capsys.readouterr().out
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert run("table", tmp_path / "empty") == 2
+    assert "no result files (*.json), nor any in its subfolders" in capsys.readouterr().err
+
+
 def _error_line(capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines

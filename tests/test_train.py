@@ -251,11 +251,72 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 3, stderr[-3000:]  # stopped, not finished: `mmrl train && mmrl eval` stops here
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] and 2 <= summary["step"] < 500
     assert (out / "checkpoints" / "latest").read_text() == f"step_{summary['step']:08d}"
-    assert "stopped at step" in stdout
+    assert "stopped at step" in stdout and "model:" not in stdout
+    assert not (out / ".mmrl.lock").exists()
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("mmrl train: error:")]
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_folder(tmp_path, shards):
+    """A second run on a folder in use refuses in one line (exit 2) and leaves the first's files
+    alone; a changed config against the folder's checkpoints is one line too; a killed run's
+    lock is taken over."""
+    out = tmp_path / "busy"
+    first_cmd = train_cmd(shards, out, "max_steps=60", "save_every=1000")
+    first = subprocess.Popen(first_cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 1):
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(first_cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert first.poll() is None, "the first run ended before the second was refused: the test proves nothing"
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert error_lines(second.stderr) == [
+        f"mmrl train: error: {out} is in use by another mmrl train (pid {first.pid} on host {socket.gethostname()}, "
+        f"started {json.loads((out / '.mmrl.lock').read_text())['started']}); wait for it or pick another output_dir"]
+    assert "Traceback" not in second.stderr and not second.stdout.strip()
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert [row["step"] for row in read_log(out)] == list(range(1, 61))  # nothing of the second run
+    assert json.loads((out / "summary.json").read_text())["step"] == 60
+    assert load_config(TrainConfig, out / "config.yaml") == load_config(TrainConfig, TINY, first_cmd[5:])
+    assert stdout.strip().splitlines()[-3:] == [f"model: {out / 'model'}",
+                                               f"logs: {out / 'log.jsonl'}, {out / 'tensorboard'}",
+                                               f"summary: {out / 'summary.json'}"]
+    assert not (out / ".mmrl.lock").exists()
+
+    saved = (out / "config.yaml").read_bytes()
+    changed = subprocess.run(train_cmd(shards, out, "max_steps=60", "save_every=1000", "model=mmrl-vit-small-p8-64"),
+                             capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
+    assert error_lines(changed.stderr) == [
+        f"mmrl train: error: {out} holds a run with model=mmrl-vit-tiny-p8-64 (this config: "
+        f"model=mmrl-vit-small-p8-64); use another output_dir, or remove {out / 'checkpoints'} to start over there"]
+    assert (out / "config.yaml").read_bytes() == saved
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".mmrl.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
+                                                "started": "2026-01-01 00:00:00"}))
+    again = run(first_cmd)  # resumes the finished run at its last step: nothing to train, the export again
+    assert f"taking over the stale lock of another mmrl train (pid {int(gone.stdout)} on host" in again.stderr
+    assert not (out / ".mmrl.lock").exists()
+
+
+@pytest.mark.slow
+def test_config_yaml_is_written_only_once_the_run_has_started(tmp_path, shards):
+    out = tmp_path / "failed"
+    proc = subprocess.run(train_cmd(shards, out, "max_steps=2", f"resume={tmp_path / 'nowhere'}"),
+                          capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(error_lines(proc.stderr)) == 1 and "no complete checkpoint there" in proc.stderr
+    assert not (out / "config.yaml").exists() and not (out / ".mmrl.lock").exists()
 
 
 @pytest.mark.slow

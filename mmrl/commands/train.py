@@ -3,13 +3,21 @@
 One process needs no launcher. Several: ``torchrun --nproc_per_node N -m mmrl train ...`` or
 ``deepspeed --num_gpus N --module mmrl train ...``; multi-node through torchrun's or DeepSpeed's
 rendezvous/hostfile, or SLURM (``srun python -m mmrl train ...``: ranks come from SLURM_* variables).
+
+Exit status: 0 the run finished; 2 it could not start (one line on stderr: a bad config, an
+``output_dir`` in use by another ``mmrl train``, or holding checkpoints of a different config);
+3 (:data:`STOPPED`) it was stopped by SIGTERM/SIGINT after saving a checkpoint (``resume=auto``
+continues it), so ``mmrl train ... && mmrl eval ...`` does not go on with an unfinished model.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .registry import command
+
+STOPPED = 3  # exit status of a run stopped by SIGTERM/SIGINT (checkpoint saved)
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +26,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-@command("train", "train a dual encoder with DeepSpeed (YAML config + key=value overrides)", _arguments)
+@command("train", "train a dual encoder with DeepSpeed (YAML config + key=value overrides); exit status 0 "
+                  "finished, 2 could not start, 3 stopped by SIGTERM/SIGINT (checkpoint saved)", _arguments)
 def cmd_train(args: argparse.Namespace) -> int:
     from ..config import load_config, to_dict
     from ..train import TrainConfig, train
@@ -30,4 +39,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if summary.get("stopped_early"):
         print(f"stopped at step {summary['step']} (checkpoint saved; resume with resume=auto)")
+        return STOPPED
+    if _is_main():
+        out = Path(cfg.output_dir)
+        logs = [out / "log.jsonl"] + [out / "tensorboard"] * (out / "tensorboard").is_dir()
+        print(f"model: {summary.get('model_dir') or out / 'model'}")
+        print("logs: " + ", ".join(str(p) for p in logs))
+        print(f"summary: {out / 'summary.json'}")
     return 0
+
+
+def _is_main() -> bool:
+    from ..train.distributed import dist_info_from_env
+
+    return dist_info_from_env().is_main

@@ -124,6 +124,9 @@ def run_training(cfg, force: bool, log: Log, threads: int | None = None) -> tupl
     cmd = [sys.executable, "-m", "mmrl", "train", str(recipe)]
     log("train: " + " ".join(["mmrl", "train", str(recipe)]) + _threads_note(threads))
     proc = subprocess.run(cmd, env=thread_env(threads))
+    if proc.returncode == 3:  # mmrl train's status for a run stopped by SIGTERM/SIGINT (checkpoint saved)
+        raise RuntimeError(f"mmrl train {recipe} was stopped before the last step (checkpoint saved); "
+                           "run the demo again to resume")
     if proc.returncode != 0:
         raise RuntimeError(f"mmrl train {recipe} failed with exit status {proc.returncode} (its log is above)")
     summary = finished_run(cfg)

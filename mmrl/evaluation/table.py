@@ -6,11 +6,19 @@ Each argument is a folder of result files (``DIR`` or ``LABEL=DIR``). A column's
 (mean +- sample std over 2 seeds) and ``avg``. Rows are (dataset, task, metric); without a metric
 list, a task's rows are the metrics its registered task declares (:attr:`.tasks.Task.table_metrics`).
 Fractions are shown in percent; ``rsum`` (already percent) and the probe's regularisation as they are.
+
+A folder that holds no result files itself is searched below: every subfolder that directly holds
+result files becomes a column, labelled by its path relative to the folder (``LABEL/`` in front
+when one was given) with seed suffixes removed from each part, so ``runs/`` holding
+``ggem-seed0/eval/`` and ``ggem-seed1/eval/`` gives one column ``ggem/eval`` over 2 seeds. The
+search skips ``suite_*.json``, anything under a ``.mmrl`` folder and JSON files that are not
+result files (a run's ``summary.json``, a model's configs).
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from collections import OrderedDict, defaultdict
@@ -44,24 +52,55 @@ class Column:
     values: dict[tuple[str, str], dict[str, list[float]]]
 
 
+def _result_folders(label: str, path: Path, explicit: bool) -> list[tuple[str, Path, list[dict]]]:
+    """(label, folder, results) for ``path`` itself when it holds result files, else for every
+    folder below it that directly holds some (see the module docstring)."""
+    files = sorted(p for p in path.glob("*.json") if not p.name.startswith("suite_"))
+    if files:
+        return [(label, path, [read_result(f) for f in files])]
+    found: dict[Path, list[dict]] = {}
+    for f in sorted(path.rglob("*.json")):
+        rel = f.relative_to(path)
+        if f.name.startswith("suite_") or ".mmrl" in rel.parts[:-1] or not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None  # read_result below says why
+        if data is not None and not (isinstance(data, dict) and {"dataset", "task", "metrics"} <= data.keys()):
+            continue  # a run's summary.json, a model's config: not results
+        found.setdefault(f.parent, []).append(read_result(f))
+    out = []
+    for folder, results in found.items():
+        rel = "/".join(_SEED.sub("", part) or part for part in folder.relative_to(path).parts)
+        out.append((f"{label}/{rel}" if explicit else rel, folder, results))
+    return out
+
+
 def collect(args: Sequence[str]) -> list[Column]:
-    """Read every ``*.json`` result file of the given folders, grouped into columns."""
+    """Read every ``*.json`` result file of the given folders (or of the folders below one that
+    holds none itself), grouped into columns."""
     columns: OrderedDict[str, Column] = OrderedDict()
     for arg in args:
         label, path = column_label(arg)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: results folder not found")
-        files = sorted(p for p in path.glob("*.json") if not p.name.startswith("suite_"))
-        if not files:
-            raise ValueError(f"{path}: no result files (*.json)")
-        col = columns.setdefault(label, Column(label, [], defaultdict(lambda: defaultdict(list))))
-        col.dirs.append(path)
-        for f in files:
-            r = read_result(f)
-            for metric, value in r["metrics"].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    col.values[(r["dataset"], r["task"])][metric].append(float(value))
+        explicit = "=" in arg and not Path(arg).exists()
+        folders = _result_folders(label, path, explicit)
+        if not folders:
+            raise ValueError(f"{path}: no result files (*.json), nor any in its subfolders")
+        for col_label, folder, results in folders:
+            col = columns.setdefault(col_label, Column(col_label, [], defaultdict(lambda: defaultdict(list))))
+            col.dirs.append(folder)
+            _add_results(col, results)
     return list(columns.values())
+
+
+def _add_results(col: Column, results: list[dict]) -> None:
+    for r in results:
+        for metric, value in r["metrics"].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                col.values[(r["dataset"], r["task"])][metric].append(float(value))
 
 
 def default_metrics(result_task: str) -> tuple[str, ...]:

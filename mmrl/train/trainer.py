@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import save_config
+from ..config import load_config, save_config, to_dict
 from ..data.augment import build_train_transform
 from ..data.loader import LoaderConfig, make_train_loader
 from ..model import create_model, create_transforms, get_tokenizer, save_model
@@ -31,10 +31,11 @@ from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_
 from .module import ContrastiveModule, make_loss
 from .optim import make_optimizer, warmup_cosine
 from .params import full_state_dict, gathered_values
+from .run_lock import RunLock
 from .run_log import RunLog
 from .step import contrastive_step
 
-__all__ = ["train", "TrainingAborted"]
+__all__ = ["train", "check_same_run", "TrainingAborted"]
 
 
 class TrainingAborted(RuntimeError):
@@ -242,13 +243,64 @@ class _Trainer:
         return summary
 
 
-def train(cfg: TrainConfig) -> dict[str, object]:
-    """Run training (in every process of the job); returns the run summary."""
-    info = dist_info_from_env()
-    init_distributed(info)
+def check_same_run(cfg: TrainConfig) -> None:
+    """Refuse (ValueError, one line) when ``cfg.output_dir`` holds checkpoints of a run whose saved
+    ``config.yaml`` differs from ``cfg`` (``resume`` and ``output_dir`` aside) or no longer loads."""
     out = Path(cfg.output_dir)
+    saved_path, ckpts = out / "config.yaml", out / "checkpoints"
+    if not saved_path.is_file() or not ckpts.is_dir() or not any(ckpts.iterdir()):
+        return
+    hint = f"use another output_dir, or remove {ckpts} to start over there"
+    try:
+        saved = load_config(TrainConfig, saved_path)
+    except ValueError as err:
+        raise ValueError(f"{out} holds checkpoints whose config.yaml no longer loads ({err}); {hint}") from None
+    old = {k: v for k, v in _flat(to_dict(saved)).items() if k not in ("resume", "output_dir")}
+    new = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in ("resume", "output_dir")}
+    for key in list(new) + [k for k in old if k not in new]:
+        if old.get(key) != new.get(key):
+            raise ValueError(f"{out} holds a run with {key}={_short(old.get(key))} "
+                             f"(this config: {key}={_short(new.get(key))}); {hint}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config dict -> dotted keys (``data.train``), as overrides name them."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def train(cfg: TrainConfig) -> dict[str, object]:
+    """Run training (in every process of the job); returns the run summary.
+
+    The main rank holds ``OUTPUT/.mmrl.lock`` for the whole run (:mod:`.run_lock`: a second run
+    on the folder refuses), checks that the folder's checkpoints are of this config
+    (:func:`check_same_run`), and writes ``OUTPUT/config.yaml`` only once the model, the engine
+    and any resumed checkpoint have loaded."""
+    info = dist_info_from_env()
+    out = Path(cfg.output_dir)
+    lock = None
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    trainer = _Trainer(cfg, info)
-    return trainer.run()
+        lock = RunLock(out).acquire()
+    try:
+        if lock is not None and lock.took_over:
+            print(f"mmrl train: {lock.took_over}", file=sys.stderr, flush=True)
+        if info.is_main:
+            check_same_run(cfg)
+        init_distributed(info)
+        trainer = _Trainer(cfg, info)
+        if info.is_main:
+            save_config(cfg, out / "config.yaml")
+        return trainer.run()
+    finally:
+        if lock is not None:
+            lock.release()
