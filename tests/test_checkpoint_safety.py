@@ -9,14 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import COLORS, ROOT, SHAPES, env, read_log, run, shape_image, train_cmd
+from test_train import ROOT, env, read_log, run, shape_shards, train_cmd
 
-from mmrl.data import ImageTextRecord
-from mmrl.data.shards import build_shards
 from mmrl.train.checkpoint import (
     COMPLETE_MARK,
     CheckpointManager,
@@ -151,17 +148,7 @@ def test_pruning_keeps_the_newest_readable_checkpoint(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt_data")
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(64):
-        color, shape = list(COLORS)[i % 4], SHAPES[(i // 4) % 3]
-        path = root / "img" / f"{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        shape_image(COLORS[color], shape, rng).save(path)
-        records.append(ImageTextRecord(str(path), [f"a {color} {shape}"]))
-    build_shards(records, root / "shards", shard_size=16, progress=False)
-    return str(root / "shards" / "{00000..00003}.tar")
+    return shape_shards(tmp_path_factory.mktemp("ckpt_data"), 64, 16)
 
 
 @pytest.mark.slow

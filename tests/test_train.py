@@ -53,19 +53,23 @@ def shape_image(color, shape, rng) -> Image.Image:
     return Image.fromarray(np.clip(a.astype(int) + noise, 0, 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
+def shape_shards(root: Path, n: int, shard_size: int) -> str:
+    """``n`` captioned shape images in four shards under ``root``; their brace pattern."""
     rng = np.random.default_rng(0)
     records = []
-    for i in range(192):
+    for i in range(n):
         color, shape = list(COLORS)[i % 4], SHAPES[(i // 4) % 3]
         path = root / "img" / f"{i}.png"
         path.parent.mkdir(exist_ok=True)
         shape_image(COLORS[color], shape, rng).save(path)
         records.append(ImageTextRecord(str(path), [f"a {color} {shape}"]))
-    build_shards(records, root / "shards", shard_size=48, progress=False)
+    build_shards(records, root / "shards", shard_size=shard_size, progress=False)
     return str(root / "shards" / "{00000..00003}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return shape_shards(tmp_path_factory.mktemp("train_data"), 192, 48)
 
 
 def run(cmd, timeout=420, **kw):
