@@ -6,6 +6,7 @@ import os
 import sys
 
 from .deps import MissingDependency
+from .fileio import NoSpaceLeft, is_no_space
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (MissingDependency, ValueError, FileNotFoundError) as err:  # one line, no traceback
+    except (MissingDependency, ValueError, FileNotFoundError, NoSpaceLeft) as err:  # one line, no traceback
         print(f"mmrl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk met outside mmrl's own writers
+        if not is_no_space(err):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"mmrl {args.command}: error: no space left on device{where}", file=sys.stderr)
         return 2
 
 

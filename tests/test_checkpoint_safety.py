@@ -99,6 +99,30 @@ def test_auto_resume_falls_back_past_an_unreadable_checkpoint(tmp_path, capsys):
     assert mgr.complete_tags() == ["step_00000002"]
 
 
+def _two_rank_resolve(rank, root, store, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        results[rank] = CheckpointManager(root, 2, rank == 0).resolve("auto")[1]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_to_the_same_checkpoint(tmp_path):
+    import torch.multiprocessing as mp
+
+    write_checkpoint(tmp_path / "c", 2)
+    newest = write_checkpoint(tmp_path / "c", 4)
+    truncate(newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_resolve, args=(tmp_path / "c", tmp_path / "store", results), nprocs=2, join=True)
+    assert dict(results) == {0: "step_00000002", 1: "step_00000002"}
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["latest", "step_00000002",
+                                                                  "unreadable_step_00000004", "verified"]
+
+
 def test_explicit_tag_is_not_fallen_back_from_and_all_unreadable_is_an_error(tmp_path):
     older = write_checkpoint(tmp_path, 2)
     newest = write_checkpoint(tmp_path, 4)

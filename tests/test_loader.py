@@ -341,6 +341,77 @@ def test_missing_corrupt_or_empty_shards_fail_fast(tmp_path, tokenizer):
     loader.close()
 
 
+def _bad_files(folder):
+    folder.mkdir()
+    (folder / "empty.tar").write_bytes(b"")
+    (folder / "notes.tar").write_text("not a tar\n" * 100)
+    tarfile.open(folder / "none.tar", "w").close()  # a valid tar with no file in it
+    write_shard(folder / "good.tar", [good("k0"), good("k1")])
+    return folder
+
+
+@pytest.mark.parametrize("train, message", [
+    ("missing/{00000..00003}.tar", "missing/{00000..00003}.tar: none of its 4 shards exist (missing/00000.tar, "
+                                   "missing/00001.tar, missing/00002.tar and 1 more)"),
+    ("b/empty.tar", "b/empty.tar: this shard is empty (0 bytes)"),
+    ("b/notes.tar", "b/notes.tar: this shard is not a tar file (no tar header at its start)"),
+    ("b/none.tar", "b/none.tar: this shard is an empty tar (no files)"),
+    ("b/good.tar::b/gone.tar", "b/gone.tar: no such shard"),
+    ("b/{good,gone,empty}.tar", "b/{good,gone,empty}.tar: 1 of its 3 shards do not exist (b/gone.tar)"),
+    ("b/{good,none}.tar", "b/none.tar: this shard is an empty tar (no files)"),
+])
+def test_missing_or_invalid_shards_are_named_at_start(tmp_path, tokenizer, monkeypatch, train, message):
+    """Without sizes.json (the epoch length depends on every shard): one line naming the files."""
+    monkeypatch.chdir(tmp_path)
+    _bad_files(tmp_path / "b")
+    cfg = LoaderConfig(train=train, batch_size=2, workers=0, resampled=True)
+    with pytest.raises(ValueError) as err:
+        make_train_loader(cfg, train_transform(), tokenizer)
+    assert str(err.value) == message
+
+
+def test_unusable_first_shard_is_named_even_with_num_samples(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _bad_files(tmp_path / "b")
+    cfg = LoaderConfig(train="b/{notes,empty}.tar", batch_size=2, workers=0, resampled=True, num_samples=8)
+    with pytest.raises(ValueError, match=r"^b/notes.tar: this shard is not a tar file \(no tar header at its "
+                                         r"start\); 1 more of the 2 shards of b/\{notes,empty\}.tar too$"):
+        make_train_loader(cfg, train_transform(), tokenizer)
+
+
+def test_some_bad_shards_are_one_warning_then_skipped_and_counted(tmp_path, tokenizer, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    _bad_files(tmp_path / "b")
+    cfg = LoaderConfig(train="b/{gone,good,empty}.tar", batch_size=2, workers=0, num_samples=4, shuffle_buffer=0)
+    loader = make_train_loader(cfg, train_transform(), tokenizer)  # the first shard probed: then all of them
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["b/{gone,good,empty}.tar: 1 of its 3 shards do not exist (b/gone.tar); "
+                      "they are skipped and counted (bad_shards)"]
+    assert sorted(keys_of(loader)) == ["k0", "k0", "k1", "k1"]  # the one good shard, read again for the epoch
+    assert loader.skipped["bad_shards"] >= 2
+    skipped = [r.getMessage() for r in caplog.records if "skipping the rest of shard" in r.getMessage()]
+    assert skipped and len(skipped) <= 3  # a worker shows its first three, counts the rest
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stalled_stream_is_one_line_and_nothing_else(tmp_path, tokenizer, caplog, workers):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    write_shard(folder / "00000.tar", [{"key": "k", "json": {"a": 1}}])  # a tar, but no image or caption
+    for i in range(1, 8):
+        (folder / f"{i:05d}.tar").write_bytes(b"")
+    cfg = LoaderConfig(train=f"{folder}/{{00000..00007}}.tar", batch_size=2, workers=workers, resampled=True,
+                       num_samples=8, max_consecutive_bad_shards=4)
+    loader = make_train_loader(cfg, train_transform(), tokenizer)
+    with pytest.raises(LoaderStallError) as err:
+        keys_of(loader)
+    loader.close()
+    text = str(err.value)
+    assert len(text.splitlines()) == 1 and text.startswith("4 consecutive shards yielded no sample")
+    assert "is empty (0 bytes)" in text and "Traceback" not in text
+    assert not [r for r in caplog.records if "skipping the rest of shard" in r.getMessage()]
+
+
 def test_captions_from_txt_or_json():
     sample = {"txt": b"  a dog  ", "json": json.dumps({"captions": ["one", " ", "two"]}).encode()}
     assert sample_caption(sample) == "a dog"

@@ -148,6 +148,53 @@ def test_load_errors_name_the_file(tmp_path):
         mmrl.load_model(tmp_path)
 
 
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickled with weights_only=False, this creates the marker file
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("empty", "header too small; 0 bytes"),
+    ("header", "invalid header length; 1,000 bytes"),
+    ("data", "incomplete metadata, file not fully covered"),
+])
+def test_damaged_weights_are_one_line_naming_the_file(tmp_path, capsys, damage, reason):
+    folder = tmp_path / "m"
+    mmrl.save_model(mmrl.create_model(TINY, pool="ggem"), folder)
+    weights = folder / "open_clip_model.safetensors"
+    size = {"empty": 0, "header": 1000, "data": weights.stat().st_size // 2}[damage]
+    with open(weights, "r+b") as fh:
+        fh.truncate(size)
+    message = f"{weights}: not a readable safetensors file ({reason}"
+    with pytest.raises(ValueError) as err:
+        mmrl.load_model(folder)
+    assert str(err.value).startswith(message) and str(err.value).endswith("; save or copy the model again")
+    from mmrl.cli import main
+
+    assert main(["eval", "image-retrieval", "--model", str(folder), "--data", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "res")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mmrl eval: error: {message}")
+
+
+def test_a_pickled_bin_that_runs_code_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "m"
+    mmrl.save_model(mmrl.create_model(TINY, pool="ggem"), folder)
+    (folder / "open_clip_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"visual.proj": _Payload(marker)}, folder / "open_clip_pytorch_model.bin")
+    with pytest.raises(ValueError) as err:
+        mmrl.load_model(folder)
+    assert str(err.value) == (f"{folder / 'open_clip_pytorch_model.bin'}: refused to load (it needs 'io.open', "
+                              f"not a tensor type; read with torch.load(weights_only=True))")
+    assert not marker.exists()
+    torch.save(mmrl.create_model(TINY, pool="ggem").state_dict(), folder / "open_clip_pytorch_model.bin")
+    assert mmrl.load_model(folder)[0].visual.pool_type == "ggem"  # a plain state dict loads
+
+
 def test_weights_that_do_not_match_config_are_rejected(tmp_path):
     mmrl.save_model(mmrl.create_model(TINY, pool="ggem"), tmp_path / "m")
     cfg_path = tmp_path / "m" / "open_clip_config.json"

@@ -324,6 +324,20 @@ def test_config_yaml_is_written_only_once_the_run_has_started(tmp_path, shards):
 
 
 @pytest.mark.slow
+def test_mistyped_shards_are_one_line_naming_them(tmp_path, shards):
+    out = tmp_path / "run"
+    typo = shards.replace("shards", "shard")
+    proc = subprocess.run(train_cmd(typo, out, "max_steps=2", "data.num_samples=64"), capture_output=True, text=True,
+                          timeout=300, env=env(), cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    folder = typo.rsplit("/", 1)[0]
+    assert error_lines(proc.stderr) == [f"mmrl train: error: {typo}: none of its 4 shards exist ({folder}/00000.tar, "
+                                        f"{folder}/00001.tar, {folder}/00002.tar and 1 more)"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "skipping" not in proc.stderr
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_one_cpu_process_does_not_compile_the_shared_memory_op(tmp_path):
     """init_distributed for one CPU process: a working process group, and DeepSpeed's shm op (only
     useful between processes) is neither compiled into a fresh extensions folder nor loaded."""

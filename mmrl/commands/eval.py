@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..fileio import atomic_write_text
 from .registry import command
 
 _SUITE_HELP = "run a YAML list of (task, dataset) entries"
@@ -101,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
         text = build_table(collect(args.dirs), metrics, args.format)
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            atomic_write_text(args.output, text)
             print(f"wrote {args.output}")
         else:
             sys.stdout.write(text)

@@ -4,8 +4,9 @@ One process needs no launcher. Several: ``torchrun --nproc_per_node N -m mmrl tr
 ``deepspeed --num_gpus N --module mmrl train ...``; multi-node through torchrun's or DeepSpeed's
 rendezvous/hostfile, or SLURM (``srun python -m mmrl train ...``: ranks come from SLURM_* variables).
 
-Exit status: 0 the run finished; 2 it could not start (one line on stderr: a bad config, an
-``output_dir`` in use by another ``mmrl train``, or holding checkpoints of a different config);
+Exit status: 0 the run finished; 2 it could not start or stopped on an error (one line on stderr: a bad
+config, an ``output_dir`` in use by another ``mmrl train`` or holding checkpoints of a different config, a
+full disk -- the partial checkpoint or model removed, earlier ones intact);
 3 (:data:`STOPPED`) it was stopped by SIGTERM/SIGINT after saving a checkpoint (``resume=auto``
 continues it), so ``mmrl train ... && mmrl eval ...`` does not go on with an unfinished model.
 """

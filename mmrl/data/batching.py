@@ -388,12 +388,14 @@ class BatchBuilder:
         counts it causes belong to batches before the resume point and are dropped."""
         self._rows(samples, step)
         self.stats.take_delta()
+        self.stats.take_notes()
 
     def build(self, samples: Iterator[dict], step: int) -> dict[str, Any]:
         rows, captions, keys, groups = self._rows(samples, step)
         image = self.plan.collate(rows, shared=self.shared)
         text = self.tokenizer(captions)
-        batch = {"image": image, "text": text, "key": keys, "step": step, "skipped": self.stats.take_delta()}
+        batch = {"image": image, "text": text, "key": keys, "step": step, "skipped": self.stats.take_delta(),
+                 "notes": self.stats.take_notes()}
         if self.group_key:
             batch["group"] = torch.tensor([group_id(g) for g in groups], dtype=torch.long)
         return batch

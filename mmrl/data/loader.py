@@ -60,6 +60,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -73,6 +74,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batching import BatchBuilder, ImagePlan, plan_transform
+from .shard_files import check_shards
 from .wds_stages import (
     SAMPLE_SKIP_REASONS,
     LoaderStallError,
@@ -80,10 +82,13 @@ from .wds_stages import (
     derive_seed,
     epoch_passes,
     group_samples,
+    one_line_stalls,
     resampled_shards,
     shuffle_samples,
     stream_samples,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LoaderConfig", "TrainLoader", "make_train_loader", "ShardSource", "parse_sources", "epoch_sizing",
@@ -187,6 +192,7 @@ def parse_sources(train: str, weights: str | None = None) -> list[ShardSource]:
         shards = _expand(spec.strip())
         if not shards:
             raise FileNotFoundError(f"no shards match {spec!r}")
+        check_shards(spec.strip(), shards)  # its first shard: a mistyped path or a wrong file, in one line
         sources.append(ShardSource(spec.strip(), shards, w, _read_sizes(shards)))
     return sources
 
@@ -213,7 +219,7 @@ def epoch_sizing(num_samples: int, batch_size: int, world_size: int, workers: in
     num_batches = per_worker * max(1, workers)
     if num_batches <= 0:
         raise ValueError(f"an epoch of {num_samples} samples makes no full batch of {batch_size} x {world_size} "
-                         f"ranks x {max(1, workers)} workers; lower batch_size or set round_up")
+                         f"ranks x {max(1, workers)} workers; lower batch_size or workers, or use more data")
     return num_batches, num_batches * global_batch
 
 
@@ -338,11 +344,13 @@ class TrainLoader:
             self.epoch = self.step // self.num_batches
             stop = (self.epoch + 1) * self.num_batches
         self._window[0], self._window[1] = self.step, stop
-        for batch in self.dataloader:
+        for batch in one_line_stalls(self.dataloader):
             if batch["step"] != self.step:  # the DataLoader's round-robin order is the contract
                 raise RuntimeError(f"loader out of order: expected step {self.step}, got {batch['step']}")
             for reason, n in batch["skipped"].items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+            for note in batch.pop("notes", ()):  # a worker's first shard errors
+                log.warning(note)
             self.step += 1
             yield batch
         if self.step >= stop:
@@ -379,10 +387,13 @@ def make_train_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callab
     if cfg.num_samples is not None:
         dataset_size = int(cfg.num_samples)
     else:
-        missing = [src.spec for src in sources if src.sizes is None]
+        missing = [src for src in sources if src.sizes is None]
+        for src in missing:
+            check_shards(src.spec, src.shards, every=True)  # missing or invalid files, named, before sizes.json
         if missing:
-            raise ValueError(f"epoch length unknown: no sizes.json listing every shard of {missing}; "
-                             f"set num_samples or write sizes.json next to the shards")
+            raise ValueError(f"epoch length unknown: no sizes.json listing every shard of {[s.spec for s in missing]}; "
+                             f"set num_samples (data.num_samples in a train config), or write sizes.json next to the "
+                             f"shards (mmrl shard check FOLDER)")
         dataset_size = sum(sum(src.sizes) for src in sources)
     num_batches, num_samples = epoch_sizing(dataset_size, cfg.batch_size, world_size, cfg.workers, cfg.round_up)
     start = int(start_step) if start_step else int(epoch) * num_batches

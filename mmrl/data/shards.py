@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..fileio import TMP_MARK, atomic_write_bytes, atomic_write_text, temp_path
+from ..fileio import TMP_MARK, atomic_write_bytes, atomic_write_text, no_space_guard, temp_path
 from ..progress import progress as progress_bar
 from .images import ImageError, encode_image
 from .records import ImageTextRecord
@@ -109,7 +109,9 @@ def _write_shard(task) -> dict:
     tmp_tar = temp_path(out_dir / name)
     reasons: Counter = Counter()
     failures: list[dict] = []
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+    guard = no_space_guard(f"shard {out_dir / name}", tmp_tar, cleanup=lambda: tmp_tar.unlink(missing_ok=True),
+                           note="; the partial shard was removed, finished shards are kept (and reused next run)")
+    with guard, tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index, record in enumerate(records):
             key = f"{shard_id:05d}{index:0{key_digits}d}"
             reason, detail, encoded = None, "", None

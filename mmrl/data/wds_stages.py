@@ -44,28 +44,54 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import random
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 
 from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
+from .shard_files import shard_problem
+
 __all__ = [
-    "LoaderStallError", "StreamStats", "ShardErrorHandler", "derive_seed", "epoch_passes",
+    "LoaderStallError", "one_line_stalls", "StreamStats", "ShardErrorHandler", "derive_seed", "epoch_passes",
     "resampled_shards", "shard_samples", "stream_samples", "shuffle_samples", "sample_json", "sample_group",
     "group_samples", "group_id",
     "SAMPLE_SKIP_REASONS",
 ]
 
-log = logging.getLogger(__name__)
+
+_LOGGED_SHARD_ERRORS = 3  # per worker; the rest are counted
+
+
+def _short_error(exn: BaseException) -> str:
+    """``Type: first line`` of an exception (webdataset appends the shard URL to its arguments)."""
+    if isinstance(exn, OSError) and exn.strerror:
+        text = exn.strerror
+    else:
+        text = str(exn.args[0]) if getattr(exn, "args", None) else str(exn)
+    return f"{type(exn).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}".rstrip(": ")
+
 
 # why a sample was skipped (counted per sample); "bad_shards" counts shards, not samples
 SAMPLE_SKIP_REASONS = ("no_image", "no_caption", "bad_image")
 
 
-class LoaderStallError(RuntimeError):
+class LoaderStallError(ValueError):
     """The stream produced no usable sample for too long (bad data, wrong keys, missing files)."""
+
+
+def one_line_stalls(batches: Iterable) -> Iterator:
+    """``batches``, a worker's :class:`LoaderStallError` re-raised with its own one-line message (the
+    DataLoader wraps it in the worker's traceback)."""
+    try:
+        yield from batches
+    except LoaderStallError as err:
+        lines = str(err).strip().splitlines()
+        mark = f"{LoaderStallError.__module__}.{LoaderStallError.__name__}: "
+        own = [line[len(mark):] for line in lines if line.startswith(mark)]
+        if not own or len(lines) == 1:
+            raise
+        raise LoaderStallError(own[-1]) from None
 
 
 def derive_seed(*parts) -> int:
@@ -79,7 +105,9 @@ class StreamStats:
     """Per-worker counters plus the fail-fast guard.
 
     ``counts`` accumulates since the previous :meth:`take_delta`; the batch builder attaches
-    that delta to each batch so counts survive the worker -> main-process hop.
+    that delta to each batch so counts survive the worker -> main-process hop. The first few shard
+    errors travel the same way (:meth:`take_notes`) and are shown by the main process when their
+    batch arrives, so a stream that stalls shows one line, its :class:`LoaderStallError`.
     """
 
     def __init__(self, max_consecutive_bad_samples: int, max_consecutive_bad_shards: int):
@@ -92,6 +120,7 @@ class StreamStats:
         self.run_reasons: Counter = Counter()
         self.last_error = ""
         self.logged_errors = 0
+        self.notes: list[str] = []
 
     # -- samples ---------------------------------------------------------------------------
     def skip(self, reason: str, url: str, detail: str = "") -> None:
@@ -118,10 +147,12 @@ class StreamStats:
 
     # -- shards ----------------------------------------------------------------------------
     def shard_error(self, url: str, exn: BaseException) -> None:
-        self.last_error = f"{url}: {exn!r}"
-        if self.logged_errors < 20:
-            log.warning("skipping the rest of shard %s: %r", url, exn)
+        self.last_error = f"{url}: {_short_error(exn)}"
+        if self.logged_errors < _LOGGED_SHARD_ERRORS:
             self.logged_errors += 1
+            more = "; further shard errors of this worker are counted (bad_shards), not shown" \
+                if self.logged_errors == _LOGGED_SHARD_ERRORS else ""
+            self.notes.append(f"skipping the rest of shard {url}: {_short_error(exn)}{more}")
 
     def shard_done(self, url: str, n_samples: int, failed: bool) -> None:
         if failed or n_samples == 0:
@@ -133,10 +164,15 @@ class StreamStats:
         if url not in self.run_shards:
             self.run_shards.append(url)
         if self.bad_shard_run >= self.max_bad_shards:
+            named = ", ".join(f"{u} {shard_problem(u) or 'had no usable sample'}" for u in self.run_shards)
             raise LoaderStallError(
                 f"{self.bad_shard_run} consecutive shards yielded no sample "
-                f"(max_consecutive_bad_shards={self.max_bad_shards}); last shards: {list(self.run_shards)}"
+                f"(max_consecutive_bad_shards={self.max_bad_shards}); last shards: {named}"
                 + (f"; last error: {self.last_error}" if self.last_error else ""))
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
     def take_delta(self) -> dict[str, int]:
         delta = {k: v for k, v in self.counts.items() if v}

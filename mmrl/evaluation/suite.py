@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..fileio import NoSpaceLeft, atomic_write_text
 from .context import EvalModel, RunOptions, has_text_encoder
 from .datasets import DatasetMissing
 from .options import TaskOptions, data_paths, in_suite, options_from_entry
@@ -159,7 +160,7 @@ def _result(e: SuiteEntry, status: str, message: str = "", path: str | None = No
 def run_suite(em: EvalModel, opts: RunOptions, suite: Suite, *, only: str | None = None,
               exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> list[EntryResult]:
     """Run every entry (or those whose task or name contains ``only``, minus those whose task
-    is or name contains one of ``exclude``); never stops at a failure. Writes the results to
+    is or name contains one of ``exclude``); never stops at a failure, but for a full disk. Writes the results to
     ``opts.out_dir/suite_<name>.json`` and returns them."""
     results: list[EntryResult] = []
     for e in suite.entries:
@@ -181,6 +182,8 @@ def run_suite(em: EvalModel, opts: RunOptions, suite: Suite, *, only: str | None
         try:
             path, metrics = task.run(em, opts, options)
             results.append(_result(e, "ok", "", str(path), metrics))
+        except NoSpaceLeft:
+            raise  # every later write fails too: stop, the finished entries' files stay
         except DatasetMissing as err:
             results.append(_result(e, "skipped", str(err)))
             log(f"[{e.task}] {e.label}: skipped ({err})")
@@ -193,7 +196,7 @@ def run_suite(em: EvalModel, opts: RunOptions, suite: Suite, *, only: str | None
     summary = {"suite": suite.name, "file": str(suite.path), "root": str(suite.root), "model": em.info.as_dict(),
                "entries": [r.as_dict() for r in results]}
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    (opts.out_dir / f"suite_{suite.name}.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    atomic_write_text(opts.out_dir / f"suite_{suite.name}.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
     return results
 
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write_files
+from ..safeload import load_safetensors, load_weights_only
 from .factory import create_model_from_config, get_tokenizer
 
 __all__ = ["save_model", "load_model", "read_model_config", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -40,7 +42,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike,
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``model`` (built by mmrl) to folder ``path``; files are replaced atomically.
+    """Write ``model`` (built by mmrl) to folder ``path``; files are replaced atomically, and only once
+    both are written (a full disk raises :class:`mmrl.fileio.NoSpaceLeft` and leaves an earlier model whole).
 
     ``state_dict`` may be given when the weights come from elsewhere (e.g. a consolidated
     ZeRO-3 checkpoint); it must match the model's keys.
@@ -50,6 +53,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike,
     if meta is None:
         raise ValueError("save_model: model was not created by mmrl (no mmrl_cfg attribute)")
     out = Path(path)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
@@ -59,8 +63,16 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike,
         "mmrl": {"format_version": FORMAT_VERSION, "name": meta.get("name", ""),
                  "lock_text": meta.get("lock_text", False)},
     }
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    text = json.dumps(config, indent=2) + "\n"
+    try:
+        atomic_write_files({  # both written before either replaces an earlier model's file
+            out / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+            out / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        })
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # no empty model folder left behind
+        raise
     return out
 
 
@@ -80,9 +92,11 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / WEIGHTS_NAME).is_file():
-        return load_file(str(folder / WEIGHTS_NAME))
+        return load_safetensors(folder / WEIGHTS_NAME)  # one line naming the file if it is empty or cut short
     if (folder / BIN_WEIGHTS_NAME).is_file():
-        state = torch.load(folder / BIN_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        state = load_weights_only(folder / BIN_WEIGHTS_NAME)  # a pickle needing code is refused, one line
+        if not isinstance(state, dict):
+            raise ValueError(f"{folder / BIN_WEIGHTS_NAME}: expected a state dict, got {type(state).__name__}")
         return state.get("state_dict", state)
     raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}")
 

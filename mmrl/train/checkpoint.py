@@ -16,13 +16,16 @@ file that cannot be read (truncated, corrupt) makes ``resume=auto`` fall back to
 complete checkpoint, and the unreadable folder is renamed ``unreadable_step_...``. Rank 0 reads
 every fresh checkpoint back the same way and records the newest readable one in
 ``OUTPUT/checkpoints/verified``; pruning never removes that one.
+
+A save that fails on any rank (the ranks agree through one all-reduce) removes the partial
+folder on every rank's behalf and raises; a full disk is :class:`mmrl.fileio.NoSpaceLeft`, one
+line naming the checkpoint (DeepSpeed's files are written through Python file objects so that
+the ``ENOSPC`` is not lost in torch's stream errors). Earlier checkpoints are untouched.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import pickle
-import re
 import shutil
 import sys
 import time
@@ -33,10 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..fileio import atomic_write_text
+from ..fileio import NoSpaceLeft, atomic_write_text, is_no_space
+from ..safeload import FileUnreadable, WeightsRefused, load_weights_only
 
-__all__ = ["CheckpointManager", "CheckpointRefused", "CheckpointUnreadable", "COMPLETE_MARK", "safe_types",
-           "verify_checkpoint", "weights_only_loads"]
+__all__ = ["CheckpointManager", "CheckpointRefused", "CheckpointUnreadable", "CheckpointSaveFailed", "COMPLETE_MARK",
+           "safe_types", "verify_checkpoint", "weights_only_loads", "file_object_saves", "worst_on_any_rank"]
 
 COMPLETE_MARK = "mmrl_complete.json"
 VERIFIED = "verified"
@@ -44,12 +48,32 @@ _PREFIX = "step_"
 _UNREADABLE = "unreadable_"
 
 
-class CheckpointRefused(ValueError):
+class CheckpointRefused(WeightsRefused):
     """A checkpoint file needs a global that is not a tensor/state type: it is never loaded."""
 
 
-class CheckpointUnreadable(ValueError):
+class CheckpointUnreadable(FileUnreadable):
     """A checkpoint file cannot be read (truncated, corrupt, missing)."""
+
+
+class CheckpointSaveFailed(ValueError):
+    """Another rank failed to write its part of a checkpoint (that rank names its error)."""
+
+
+_OK, _FAILED, _FULL = 0, 1, 2
+
+
+def worst_on_any_rank(code: int, device: Any = "cpu") -> int:
+    """The largest ``code`` over all ranks (one all-reduce; ``code`` itself without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return code
+    value = torch.tensor([code], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def _code(err: BaseException | None, path: Path) -> int:
+    return _OK if err is None else _FULL if is_no_space(err, path) else _FAILED
 
 
 def safe_types() -> list[type]:
@@ -64,14 +88,13 @@ def safe_types() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def _safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    with torch.serialization.safe_globals(safe_types()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__  # its first sentence
+def _safe_load(path: str | Path, map_location: Any = "cpu", name: str | None = None) -> Any:
+    try:
+        return load_weights_only(path, map_location, safe_types(), what="tensor/state", name=name)
+    except WeightsRefused as err:
+        raise CheckpointRefused(str(err).replace("read with", "checkpoints are read with")) from None
+    except FileUnreadable as err:
+        raise CheckpointUnreadable(str(err)) from None
 
 
 def verify_checkpoint(folder: str | Path) -> list[Path]:
@@ -84,24 +107,8 @@ def verify_checkpoint(folder: str | Path) -> list[Path]:
     if not files:
         raise CheckpointUnreadable(f"{folder}: no .pt files")
     for path in files:
-        try:
-            _safe_load(path)
-        except pickle.UnpicklingError as err:
-            text = str(err)
-            found = re.search(r"GLOBAL ([\w.]+)", text)  # a global the weights-only unpickler does not allow
-            if not found and "WeightsUnpickler error" not in text:
-                raise CheckpointUnreadable(f"{path.name}: {_first_line(err)}") from None
-            need = f"it needs '{found.group(1)}'" if found else _weights_error(text)
-            raise CheckpointRefused(f"{path}: refused to load ({need}, not a tensor/state type; checkpoints are "
-                                    f"read with torch.load(weights_only=True))") from None
-        except Exception as err:  # truncated zip, bad header, I/O error
-            raise CheckpointUnreadable(f"{path.name}: {_first_line(err)}") from None
+        _safe_load(path, name=path.name)
     return files
-
-
-def _weights_error(text: str) -> str:
-    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)  # e.g. "Unsupported operand 149"
-    return found.group(1).strip().rstrip(".").lower() if found else "the weights-only unpickler rejects it"
 
 
 @contextlib.contextmanager
@@ -123,11 +130,32 @@ def weights_only_loads(engine) -> Iterator[None]:
         del ckpt_engine.load
 
 
+@contextlib.contextmanager
+def file_object_saves(engine) -> Iterator[None]:
+    """DeepSpeed's torch checkpoint engine saves through a Python file object while inside, so a full
+    disk surfaces as ``OSError(ENOSPC)`` (torch's own file writer reports "unexpected pos")."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None or not hasattr(ckpt_engine, "zipfile_serialization"):  # another engine: as it is
+        yield
+        return
+
+    def save(state_dict: Any, path: str) -> None:
+        with open(path, "wb") as fh:
+            torch.save(state_dict, fh, _use_new_zipfile_serialization=ckpt_engine.zipfile_serialization)
+
+    ckpt_engine.save = save
+    try:
+        yield
+    finally:
+        del ckpt_engine.save
+
+
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int, is_main: bool):
+    def __init__(self, root: str | Path, keep_last: int, is_main: bool, device: Any = "cpu"):
         self.root = Path(root)
         self.keep_last = keep_last
         self.is_main = is_main
+        self.device = device  # for the ranks' agreement on a failed save (a CUDA device under nccl)
 
     @staticmethod
     def tag_for(step: int) -> str:
@@ -150,31 +178,60 @@ class CheckpointManager:
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
         tag = self.tag_for(step)
-        if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            stale = self.root / tag
-            if stale.exists() and not (stale / COMPLETE_MARK).exists():
-                shutil.rmtree(stale)  # an incomplete folder of an earlier, interrupted save
-        if dist.is_initialized():
-            dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        if dist.is_initialized():
-            dist.barrier()  # every rank's files are on disk
-        if self.is_main:
+        folder = self.root / tag
+        before = self.latest()
+        error: BaseException | None = None
+        try:
+            if self.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if folder.exists() and not (folder / COMPLETE_MARK).exists():
+                    shutil.rmtree(folder)  # an incomplete folder of an earlier, interrupted save
+            if dist.is_initialized():
+                dist.barrier()
+            with file_object_saves(engine):
+                engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it before anyone raises
+            error = err
+        mine = _code(error, folder)
+        self._settle(worst_on_any_rank(mine, self.device), mine, error, folder, before)
+        error = None
+        if self.is_main:  # every rank's files are on disk
             try:  # read it back as a resume would: a checkpoint that cannot be read is never marked complete
-                verify_checkpoint(self.root / tag)
+                verify_checkpoint(folder)
             except (CheckpointRefused, CheckpointUnreadable) as err:
                 print(f"mmrl train: warning: checkpoint {tag} does not read back ({err}); "
                       f"it is not marked complete", file=sys.stderr, flush=True)
             else:
-                mark = {"step": step, "time": time.time()}
-                atomic_write_text(self.root / tag / COMPLETE_MARK, json.dumps(mark))
-                atomic_write_text(self.root / "latest", tag)
-                atomic_write_text(self.root / VERIFIED, tag)
-                self.prune()
-        if dist.is_initialized():
-            dist.barrier()
+                try:
+                    atomic_write_text(folder / COMPLETE_MARK, json.dumps({"step": step, "time": time.time()}))
+                except Exception as err:  # noqa: BLE001
+                    error = err
+                else:
+                    atomic_write_text(self.root / "latest", tag)  # tiny; a failure here leaves a complete folder
+                    atomic_write_text(self.root / VERIFIED, tag)
+                    self.prune()
+        mine = _code(error, folder)
+        self._settle(worst_on_any_rank(mine, self.device), mine, error, folder, before)
         return tag
+
+    def _settle(self, worst: int, mine: int, error: BaseException | None, folder: Path, before: str | None) -> None:
+        """After the ranks agreed on ``worst`` (this rank's outcome: ``mine``): nothing to do, or remove the
+        partial folder and raise (this rank's own error, or one line saying another rank failed)."""
+        if worst == _OK:
+            return
+        if self.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()  # removed before any rank reports
+        kept = f"{before} is intact" if before else "there is no earlier checkpoint"
+        if worst == _FULL and mine != _FAILED:
+            where = "" if mine == _FULL else " (on another rank)"
+            raise NoSpaceLeft(f"no space left on device writing checkpoint {folder}{where}; "
+                              f"the partial checkpoint was removed, {kept}")
+        if error is not None:
+            raise error
+        raise CheckpointSaveFailed(f"checkpoint {folder}: another rank failed to write its part (its error "
+                                   f"names why); the partial checkpoint was removed, {kept}")
 
     def verified(self) -> str | None:
         """The newest checkpoint read back with ``weights_only=True`` (after its save or on resume)."""

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fileio import no_space_guard
 from ..progress import progress
 
 __all__ = ["RunLog"]
@@ -23,7 +24,8 @@ class RunLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out_dir / "log.jsonl", "a", buffering=1)
+        self.jsonl_path = out_dir / "log.jsonl"
+        self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -42,7 +44,8 @@ class RunLog:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **values}
-        self.jsonl.write(json.dumps(row) + "\n")
+        with no_space_guard(str(self.jsonl_path)):  # a full disk: one line naming the log
+            self.jsonl.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):

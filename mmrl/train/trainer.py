@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..config import load_config, save_config, to_dict
 from ..data.augment import build_train_transform
 from ..data.loader import LoaderConfig, make_train_loader
+from ..fileio import atomic_write_text
 from ..model import create_model, create_transforms, get_tokenizer, save_model
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, CheckpointSaveFailed, worst_on_any_rank
 from .config import TrainConfig
 from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_env, init_distributed
 from .module import ContrastiveModule, make_loss
@@ -108,7 +108,7 @@ class _Trainer:
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, info.world_size), dist_init_required=False)
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main, self.device)
         self.step = 0
         self.last_saved_step: int | None = None  # decided locally: no rank reads another's files
         # micro_batches: batches taken from the loader (skipped steps consume data too)
@@ -160,10 +160,16 @@ class _Trainer:
     def export(self) -> Path:
         state = full_state_dict(self.engine, self.module, self.cfg.zero_stage)
         target = self.out / "model"
+        error = None
         if self.info.is_main:
-            save_model(self.model, target, state_dict=state)
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                save_model(self.model, target, state_dict=state)  # a full disk: NoSpaceLeft, earlier model kept
+            except Exception as err:  # noqa: BLE001 - the other ranks must not wait for it
+                error = err
+        if worst_on_any_rank(int(error is not None), self.device):
+            if error is not None:
+                raise error
+            raise CheckpointSaveFailed(f"rank 0 failed to export the model to {target} (its error names why)")
         return target
 
     def logged_values(self) -> dict[str, object]:
@@ -239,7 +245,7 @@ class _Trainer:
                    "model_dir": str(model_dir) if model_dir else None, "text_cache_warm": self.text_warm,
                    "cpu_threads": torch.get_num_threads()}
         if info.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
         return summary
 
 
