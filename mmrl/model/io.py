@@ -6,6 +6,11 @@ A saved model is a folder with
   ``model_cfg`` is open_clip's schema plus ``vision_cfg.pool_type`` / ``pool_kwargs``;
 * ``open_clip_model.safetensors`` -- the state dict.
 
+A model trained with patch dropout (``create_model(patch_dropout=r)``) is saved like any other:
+``model_cfg`` holds no ``patch_dropout`` (a training setting with no effect in eval mode), so the
+loaded model is the same network and drops no patches even in train mode; for ``r > 0`` the rate is
+recorded as ``mmrl.train_patch_dropout`` (information only, not applied on load).
+
 Models pooling with ``tok`` or ``avg`` are plain open_clip models, so
 ``open_clip.create_model("local-dir:PATH")`` loads them too. Loading never unpickles:
 safetensors, or ``torch.load(weights_only=True)`` for a ``.bin`` state dict.
@@ -63,6 +68,8 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike,
         "mmrl": {"format_version": FORMAT_VERSION, "name": meta.get("name", ""),
                  "lock_text": meta.get("lock_text", False)},
     }
+    if meta.get("patch_dropout"):  # a record of how it was trained; r = 0 leaves the file as it always was
+        config["mmrl"]["train_patch_dropout"] = meta["patch_dropout"]
     text = json.dumps(config, indent=2) + "\n"
     try:
         atomic_write_files({  # both written before either replaces an earlier model's file

@@ -15,6 +15,10 @@ instead of ``visual.conv1.weight``. ``vision_cfg.pretrained_stem`` (``{"name": "
 "locked": true}``) replaces it by :class:`mmrl.layers.PretrainedStem` (a hybrid ViT: the stride-16
 stages of an ImageNet EfficientNet-Lite0, keys ``visual.conv1.body.*`` / ``visual.conv1.proj.*``).
 Without either the tower is open_clip's, key for key.
+
+Patch dropout (``vision_cfg.patch_dropout``, FLIP) is open_clip's ``PatchDropout`` at ``visual.patch_dropout``,
+applied to the embedded tokens whatever the stem: in training mode every pool kind pools the kept
+patch tokens only (``tok`` the class token, which is always kept).
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ class TrainConfig:
     pool: str = "ggem"
     pool_kwargs: dict[str, Any] = field(default_factory=dict)
     final_ln_after_pool: bool = False
+    patch_dropout: float = 0.0           # FLIP: fraction of patch tokens dropped per image in training, in [0, 1)
     lock_text: bool = False
     cache_text: bool = False             # with lock_text and an HF text tower: pooled text features computed once
     warm_text_cache: bool = True         # with cache_text: compute every caption of small local shards up
@@ -87,6 +88,8 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer >= 1", getattr(self, key))
+        if not 0 <= self.patch_dropout < 1:
+            raise bad("patch_dropout", "a float in [0, 1)", self.patch_dropout)
         if self.workers < 0:
             raise bad("workers", "an integer >= 0", self.workers)
         if self.max_steps is None and self.epochs is None:

@@ -79,7 +79,7 @@ class _Trainer:
         extra = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0} if cfg.loss == "siglip" else {}
         model = create_model(cfg.model, cfg.pool, pool_kwargs=cfg.pool_kwargs or None,
                              final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text,
-                             cache_text=cfg.cache_text, **extra)
+                             cache_text=cfg.cache_text, patch_dropout=cfg.patch_dropout, **extra)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model
