@@ -1,10 +1,11 @@
 """Data: image-text records, shard building and checking (img2dataset's webdataset layout),
-and the training loader (:mod:`mmrl.data.loader`)."""
+the training loader (:mod:`mmrl.data.loader`) and its synthetic stand-in (:mod:`mmrl.data.synthetic`)."""
 from .images import EncodedImage, ImageError, encode_image, to_rgb
 from .records import ImageTextRecord
 
 __all__ = ["ImageTextRecord", "EncodedImage", "ImageError", "encode_image", "to_rgb",
-           "LoaderConfig", "TrainLoader", "make_train_loader", "LoaderStallError"]
+           "LoaderConfig", "TrainLoader", "make_train_loader", "LoaderStallError", "SyntheticLoader",
+           "make_synthetic_loader"]
 
 
 def __getattr__(name):  # the loader pulls in torch; shard building does not need it
@@ -16,4 +17,8 @@ def __getattr__(name):  # the loader pulls in torch; shard building does not nee
         from .wds_stages import LoaderStallError
 
         return LoaderStallError
+    if name in ("SyntheticLoader", "make_synthetic_loader"):
+        from . import synthetic
+
+        return getattr(synthetic, name)
     raise AttributeError(f"module 'mmrl.data' has no attribute {name!r}")

@@ -26,6 +26,9 @@ class DataConfig:
                                          # one group are each other's positives (mmrl.train.group_loss)
     group_size: int = 1                  # > 1: batches hold groups of this many samples (needs group_key)
     group_shared_aug: bool = False       # a group's samples in a batch share their random augmentation
+    synthetic: bool = False              # random images and token ids, no shards read (speed measurements,
+                                         # mmrl.data.synthetic); data.train is then ignored, with a warning;
+                                         # an epoch is num_samples (default 1,000,000), needed with epochs
 
 
 @dataclass
@@ -120,8 +123,14 @@ class TrainConfig:
             raise bad("image_loss_temperature", "a positive float", self.image_loss_temperature)
         if self.data.group_key and self.loss != "clip":
             raise ConfigError(f"config key 'data.group_key': grouped training needs loss=clip, not {self.loss!r}")
-        if not self.data.train:
+        if self.data.num_samples is not None and self.data.num_samples < 1:
+            raise bad("data.num_samples", "an integer >= 1 or null", self.data.num_samples)
+        if self.data.synthetic:  # no shards: data.train and data.weights are not read
+            if self.epochs is not None and self.data.num_samples is None:
+                raise ConfigError("config key 'data.num_samples': synthetic data with epochs needs an epoch length "
+                                  "(e.g. data.num_samples=100000), or use max_steps")
+        elif not self.data.train:
             raise ConfigError("config key 'data.train': set the training shards "
-                              "(e.g. data.train='shards/{00000..00009}.tar')")
-        if self.data.weights is not None and len(self.data.weights.split("::")) != len(self.data.train.split("::")):
+                              "(e.g. data.train='shards/{00000..00009}.tar'), or data.synthetic=true for random data")
+        elif self.data.weights is not None and len(self.data.weights.split("::")) != len(self.data.train.split("::")):
             raise ConfigError("config key 'data.weights': give one weight per '::'-separated source in data.train")

@@ -23,6 +23,7 @@ import torch
 from ..config import load_config, save_config, to_dict
 from ..data.augment import build_train_transform
 from ..data.loader import LoaderConfig, make_train_loader
+from ..data.synthetic import make_synthetic_loader
 from ..fileio import atomic_write_text
 from ..model import create_model, create_transforms, get_tokenizer, save_model
 from .checkpoint import CheckpointManager, CheckpointSaveFailed, worst_on_any_rank
@@ -68,6 +69,12 @@ def _loader_config(cfg: TrainConfig) -> LoaderConfig:
     )
 
 
+def _make_loader(cfg: TrainConfig, preprocess, tokenizer, **kwargs):
+    """The shard loader, or random batches with ``data.synthetic`` (:mod:`mmrl.data.synthetic`)."""
+    make = make_synthetic_loader if cfg.data.synthetic else make_train_loader
+    return make(_loader_config(cfg), preprocess, tokenizer, **kwargs)
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         import deepspeed
@@ -91,9 +98,12 @@ class _Trainer:
                                  image_temperature=cfg.image_loss_temperature)
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers in forked loader workers
-        self.loader = make_train_loader(_loader_config(cfg), self.preprocess, self.tokenizer,
-                                        rank=info.rank, world_size=info.world_size)
-        self.text_warm = self._warm_text_cache() if cfg.cache_text and cfg.warm_text_cache else None
+        if cfg.data.synthetic and cfg.data.train and info.is_main:
+            print(f"mmrl train: data.synthetic=true: data.train={cfg.data.train!r} is not read "
+                  f"(batches are random images and token ids)", file=sys.stderr, flush=True)
+        self.loader = _make_loader(cfg, self.preprocess, self.tokenizer, rank=info.rank, world_size=info.world_size)
+        warm = cfg.cache_text and cfg.warm_text_cache and not cfg.data.synthetic  # no shards to read captions from
+        self.text_warm = self._warm_text_cache() if warm else None
         steps_per_epoch = self.loader.num_batches // cfg.grad_accum
         if steps_per_epoch < 1:
             raise ValueError(f"an epoch has {self.loader.num_batches} batches per rank, "
@@ -121,8 +131,8 @@ class _Trainer:
             self.state.update(client.get("state", {}))
             if self.state["micro_batches"]:
                 self.loader.close()
-                self.loader = make_train_loader(_loader_config(cfg), self.preprocess, self.tokenizer, rank=info.rank,
-                                                world_size=info.world_size, start_step=int(self.state["micro_batches"]))
+                self.loader = _make_loader(cfg, self.preprocess, self.tokenizer, rank=info.rank,
+                                           world_size=info.world_size, start_step=int(self.state["micro_batches"]))
             for reason, n in client.get("skipped", {}).items():
                 self.loader.skipped[reason] = n
         self.resumed_from = f"{root}/{tag}" if tag else None
