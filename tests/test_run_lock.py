@@ -85,6 +85,9 @@ def test_checkpoints_of_a_different_config_are_refused_in_one_line(tmp_path):
     same = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml",
                        [f"output_dir={out}", "data.train=x.tar", "resume=null"])
     check_same_run(same)  # resume aside
+    same = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml",
+                       [f"output_dir={out}", "data.train=x.tar", "init_from=elsewhere/model", "init_strict=true"])
+    check_same_run(same)  # init_from aside: a resumed run skips the init
     other = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml",
                         [f"output_dir={out}", "data.train=x.tar", "model=mmrl-vit-small-p8-64"])
     with pytest.raises(ValueError) as err:

@@ -9,6 +9,7 @@ from .factory import (
     get_tokenizer,
     list_models,
 )
+from .init_weights import InitReport, init_from_weights
 from .io import load_model, read_model_config, save_model
 from .vision import PooledVisionTransformer, build_vision_tower
 
@@ -16,4 +17,5 @@ __all__ = [
     "create_model", "create_model_and_transforms", "create_model_from_config", "create_transforms",
     "get_model_config", "get_tokenizer", "list_models", "load_model", "read_model_config", "save_model",
     "PooledVisionTransformer", "build_vision_tower", "ModelDescription", "describe_model",
+    "InitReport", "init_from_weights",
 ]

@@ -43,6 +43,10 @@ class TrainConfig:
     cache_text: bool = False             # with lock_text and an HF text tower: pooled text features computed once
     warm_text_cache: bool = True         # with cache_text: compute every caption of small local shards up
                                          # front, in large batches (mmrl.data.caption_index)
+    init_from: str | None = None         # start from these weights (a model folder or a .safetensors/.pt/.bin
+                                         # file): tensors of matching key and shape (mmrl.model.init_weights);
+                                         # skipped when a checkpoint is resumed
+    init_strict: bool = False            # with init_from: any missing, unexpected or mismatched key is an error
     # data
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)  # train-time augmentation (mmrl.data.augment)
@@ -109,6 +113,8 @@ class TrainConfig:
             raise bad("betas", "two floats", self.betas)
         if self.resume not in (None, "auto") and not isinstance(self.resume, str):
             raise bad("resume", "'auto', a checkpoint path or null", self.resume)
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise bad("init_from", "a model folder or weights file path, or null", self.init_from)
         self.aug.validate("aug.")
         if self.data.group_size < 1:
             raise bad("data.group_size", "an integer >= 1", self.data.group_size)

@@ -5,7 +5,8 @@ One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` per rank
 all-rank agreement per step on a non-finite loss -- the step is skipped everywhere, counted,
 and too many in a row abort -- and on a pending SIGTERM/SIGINT -- a checkpoint is saved and
 the run exits cleanly). Checkpoints every ``save_every`` steps (:mod:`.checkpoint`),
-``resume=auto`` continues model, optimizer, schedule, step and data position; the end of the
+``resume=auto`` continues model, optimizer, schedule, step and data position (and wins over
+``init_from``, the weights a fresh run starts from: :mod:`mmrl.model.init_weights`); the end of the
 run exports the consolidated model with ``mmrl.save_model`` to ``OUTPUT/model``.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..data.augment import build_train_transform
 from ..data.loader import LoaderConfig, make_train_loader
 from ..data.synthetic import make_synthetic_loader
 from ..fileio import atomic_write_text
-from ..model import create_model, create_transforms, get_tokenizer, save_model
+from ..model import create_model, create_transforms, get_tokenizer, init_from_weights, save_model
 from .checkpoint import CheckpointManager, CheckpointSaveFailed, worst_on_any_rank
 from .config import TrainConfig
 from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_env, init_distributed
@@ -82,11 +83,15 @@ class _Trainer:
         self.cfg, self.info = cfg, info
         self.device = device_for(info)
         self.out = Path(cfg.output_dir)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main, self.device)
+        root, tag = self.ckpt.resolve(cfg.resume)  # verified before anything is built; resumed after initialize
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         extra = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0} if cfg.loss == "siglip" else {}
         model = create_model(cfg.model, cfg.pool, pool_kwargs=cfg.pool_kwargs or None,
                              final_ln_after_pool=cfg.final_ln_after_pool, lock_text=cfg.lock_text,
                              cache_text=cfg.cache_text, patch_dropout=cfg.patch_dropout, **extra)
+        if cfg.init_from:
+            self._init_weights(model, resuming=f"{root}/{tag}" if tag else None)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model
@@ -118,12 +123,10 @@ class _Trainer:
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, info.world_size), dist_init_required=False)
         self.dtype = next(self.engine.module.parameters()).dtype
-        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main, self.device)
         self.step = 0
         self.last_saved_step: int | None = None  # decided locally: no rank reads another's files
         # micro_batches: batches taken from the loader (skipped steps consume data too)
         self.state: dict[str, float] = {"nonfinite_steps": 0, "samples_seen": 0, "micro_batches": 0}
-        root, tag = self.ckpt.resolve(cfg.resume)
         if tag:
             client = self.ckpt.load(self.engine, root, tag)
             self.step = int(client.get("step", 0))
@@ -137,6 +140,17 @@ class _Trainer:
                 self.loader.skipped[reason] = n
         self.resumed_from = f"{root}/{tag}" if tag else None
         self.pooler_p = getattr(self.module.model.visual.pooler, "p", None)
+
+    def _init_weights(self, model: torch.nn.Module, resuming: str | None) -> None:
+        """``init_from``: matching tensors loaded before DeepSpeed partitions anything (every rank reads
+        the file); one summary line on the main rank. A resumed checkpoint wins: the init is skipped."""
+        if resuming:
+            if self.info.is_main:
+                print(f"mmrl train: init_from skipped: resuming from {resuming}", file=sys.stderr, flush=True)
+            return
+        report = init_from_weights(model, self.cfg.init_from, strict=self.cfg.init_strict)
+        if self.info.is_main:
+            print(f"mmrl train: {report.summary()}", file=sys.stderr, flush=True)
 
     def _warm_text_cache(self) -> dict[str, float]:
         """Cached text features of every caption the shards can yield, computed before training
@@ -259,9 +273,13 @@ class _Trainer:
         return summary
 
 
+_RESUME_FREE = ("resume", "output_dir", "init_from", "init_strict")  # keys a resumed run may change
+
+
 def check_same_run(cfg: TrainConfig) -> None:
     """Refuse (ValueError, one line) when ``cfg.output_dir`` holds checkpoints of a run whose saved
-    ``config.yaml`` differs from ``cfg`` (``resume`` and ``output_dir`` aside) or no longer loads."""
+    ``config.yaml`` differs from ``cfg`` (``resume``, ``output_dir`` and ``init_from`` / ``init_strict``
+    aside: a resumed run skips the init) or no longer loads."""
     out = Path(cfg.output_dir)
     saved_path, ckpts = out / "config.yaml", out / "checkpoints"
     if not saved_path.is_file() or not ckpts.is_dir() or not any(ckpts.iterdir()):
@@ -271,8 +289,8 @@ def check_same_run(cfg: TrainConfig) -> None:
         saved = load_config(TrainConfig, saved_path)
     except ValueError as err:
         raise ValueError(f"{out} holds checkpoints whose config.yaml no longer loads ({err}); {hint}") from None
-    old = {k: v for k, v in _flat(to_dict(saved)).items() if k not in ("resume", "output_dir")}
-    new = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in ("resume", "output_dir")}
+    old = {k: v for k, v in _flat(to_dict(saved)).items() if k not in _RESUME_FREE}
+    new = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _RESUME_FREE}
     for key in list(new) + [k for k in old if k not in new]:
         if old.get(key) != new.get(key):
             raise ValueError(f"{out} holds a run with {key}={_short(old.get(key))} "
