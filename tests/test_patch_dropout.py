@@ -239,3 +239,48 @@ def test_trainer_builds_the_model_with_the_rate(tmp_path, monkeypatch):
         trainer_module.train(cfg)
     assert built["kwargs"]["patch_dropout"] == 0.25
     assert isinstance(built["dropout"], PatchDropout) and built["dropout"].prob == 0.25
+
+
+class _EagerEngine:
+    """The three calls contrastive_step makes of a DeepSpeed engine, on a plain module."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, images, texts):
+        return self.module(images, texts)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+def test_accumulated_steps_see_the_same_patches_in_both_encodings(images):
+    """grad_accum with patch dropout: each micro-batch's cached and live encodings drop the same patches,
+    so the summed gradients are those of one full-batch loss over those patches."""
+    from open_clip.loss import ClipLoss
+
+    from mmrl.train.module import ContrastiveModule
+    from mmrl.train.step import contrastive_step
+
+    torch.manual_seed(0)
+    module = ContrastiveModule(_model("ggem", 0.5)).train()
+    texts = mmrl.get_tokenizer(module.model.mmrl_cfg["model_cfg"])([f"caption {i}" for i in range(len(images))])
+    half = len(images) // 2
+    batches = [{"image": images[:half], "text": texts[:half]}, {"image": images[half:], "text": texts[half:]}]
+    loss_fn = ClipLoss()
+    contrastive_step(_EagerEngine(module), loss_fn, batches, "cpu", torch.float32, seed=1234)
+    accumulated = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    feats = []
+    for j, b in enumerate(batches):  # the reference: one loss over both micro-batches, same seeds
+        torch.manual_seed(1234 + j)
+        feats.append(module(b["image"], b["text"]))
+    loss = loss_fn(torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]), feats[0][2])
+    loss.backward()
+    for name, p in module.named_parameters():
+        if p.grad is not None and name in accumulated:
+            assert torch.allclose(accumulated[name], p.grad, rtol=1e-4, atol=1e-6), name
+    assert "model.visual.pooler.p" in accumulated and accumulated["model.visual.pooler.p"].abs().sum() > 0

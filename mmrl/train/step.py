@@ -11,6 +11,11 @@ batch 2B. The cost is one extra no-grad forward per micro-batch.
 Before any backward, the ranks agree through one all-reduce on (a) whether the loss is
 non-finite on any rank -- then the step is skipped on all of them, keeping DeepSpeed's
 counters and the ranks in step -- and (b) whether a stop was requested anywhere.
+
+With ``seed`` (random ops in the forward: patch dropout) torch's generator is seeded with
+``seed + j`` before each encoding of micro-batch ``j``: its cached and its live encoding see the
+same random patches (else the summed gradients are not those of one full-batch loss), and a
+step's randomness depends on the seed alone, so a resumed run draws what the uninterrupted one drew.
 """
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ def agree(nonfinite: bool, stop: bool, device) -> tuple[bool, bool]:
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
-def _encode(engine, batch, device, dtype):
+def _encode(engine, batch, device, dtype, seed: int | None = None):
+    if seed is not None:
+        torch.manual_seed(seed)
     images = batch["image"].to(device, dtype=dtype, non_blocking=True)
     texts = batch["text"].to(device, non_blocking=True)
     return engine(images, texts)
@@ -46,14 +53,18 @@ def _groups(batches: list[dict], device) -> torch.Tensor | None:
     return torch.cat([b["group"] for b in batches]).to(device)
 
 
-def contrastive_step(engine, loss_fn, batches: list[dict], device, dtype,
-                     stop: bool = False) -> tuple[torch.Tensor | None, bool]:
+def contrastive_step(engine, loss_fn, batches: list[dict], device, dtype, stop: bool = False,
+                     seed: int | None = None) -> tuple[torch.Tensor | None, bool]:
     """Run one optimizer step over ``batches`` (this rank's micro-batches, dicts with ``image``
     and ``text``, optionally ``group``). Returns (full-batch loss, or None when skipped as
-    non-finite; stop agreed)."""
+    non-finite; stop agreed). ``seed``: see the module docstring."""
     groups = _groups(batches, device)
+
+    def seed_of(j: int) -> int | None:
+        return None if seed is None else seed + j
+
     if len(batches) == 1:
-        image_f, text_f, scale, bias = _encode(engine, batches[0], device, dtype)
+        image_f, text_f, scale, bias = _encode(engine, batches[0], device, dtype, seed_of(0))
         loss = _loss(loss_fn, image_f, text_f, scale, bias, groups)
         nonfinite, stop = agree(not torch.isfinite(loss).item(), stop, device)
         if nonfinite:
@@ -62,7 +73,7 @@ def contrastive_step(engine, loss_fn, batches: list[dict], device, dtype,
         engine.step()
         return loss.detach(), stop
     with torch.no_grad():
-        cached = [_encode(engine, b, device, dtype) for b in batches]
+        cached = [_encode(engine, b, device, dtype, seed_of(j)) for j, b in enumerate(batches)]
         all_image = [c[0] for c in cached]
         all_text = [c[1] for c in cached]
         full = _loss(loss_fn, torch.cat(all_image), torch.cat(all_text), cached[0][2], cached[0][3], groups)
@@ -71,7 +82,7 @@ def contrastive_step(engine, loss_fn, batches: list[dict], device, dtype,
     if nonfinite:
         return None, stop
     for j, batch in enumerate(batches):
-        image_f, text_f, scale, bias = _encode(engine, batch, device, dtype)
+        image_f, text_f, scale, bias = _encode(engine, batch, device, dtype, seed_of(j))
         if j > 0:
             scale = scale.detach()
             bias = None if bias is None else bias.detach()

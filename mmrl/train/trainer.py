@@ -25,6 +25,7 @@ from ..config import load_config, save_config, to_dict
 from ..data.augment import build_train_transform
 from ..data.loader import LoaderConfig, make_train_loader
 from ..data.synthetic import make_synthetic_loader
+from ..data.wds_stages import derive_seed
 from ..fileio import atomic_write_text
 from ..model import create_model, create_transforms, get_tokenizer, init_from_weights, save_model
 from .checkpoint import CheckpointManager, CheckpointSaveFailed, worst_on_any_rank
@@ -173,7 +174,10 @@ class _Trainer:
             yield from self.loader
 
     def optimizer_step(self, batches: list[dict], stop: bool):
-        return contrastive_step(self.engine, self.loss_fn, batches, self.device, self.dtype, stop)
+        seed = None
+        if self.cfg.patch_dropout > 0:  # random patches: per rank and data position, the same again on resume
+            seed = derive_seed(self.cfg.seed, "patch_dropout", self.info.rank, int(self.state["micro_batches"]))
+        return contrastive_step(self.engine, self.loss_fn, batches, self.device, self.dtype, stop, seed=seed)
 
     def save(self):
         client = {"step": self.step, "state": dict(self.state), "skipped": dict(self.loader.skipped)}
