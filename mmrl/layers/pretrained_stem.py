@@ -102,9 +102,14 @@ class PretrainedStem(nn.Module):
             raise ValueError(f"vision_cfg.pretrained_stem.train_stages: expected 0..{stages}, got {train_stages!r}")
         self.train_stages = int(train_stages) if self.locked else 0
         self._split = len(self.body) - self.train_stages
+        self.apply_lock()
+        self.train(self.training)
+
+    def apply_lock(self) -> None:
+        """Freeze the locked stages (all but the last ``train_stages``) when ``locked``: at build, and
+        again after a tower-wide unlock (``VisionTransformer.lock`` unlocking every group)."""
         if self.locked:
             self.body[:self._split].requires_grad_(False)
-        self.train(self.training)
 
     @property
     def pretrained_weights(self) -> str:

@@ -94,11 +94,30 @@ class PooledVisionTransformer(VisionTransformer):
         return pooled, tokens
 
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False):
+        """open_clip's ``VisionTransformer.lock`` (``CLIP.lock_image_tower``): every parameter frozen but
+        the last ``unlocked_groups`` of open_clip's groups ``[conv1, class/positional embedding, ln_pre]``,
+        ``resblocks[0]`` ... ``resblocks[-2]``, ``[resblocks[-1], ln_post]``, ``proj``. open_clip's list
+        does not know ``pooler``: it joins the last group (``proj``), so ``unlocked_groups=1`` trains
+        the pooler (GGeM's ``p``) and the projection. ``freeze_bn_stats`` is passed on (open_clip's ViT
+        ignores it; a locked conv stem keeps its BatchNorm statistics anyway, see ``train``), and a
+        pretrained stem's own lock (``pretrained_stem.locked``) stands even when every group is unlocked."""
         super().lock(unlocked_groups, freeze_bn_stats)
         if unlocked_groups != 0:  # the pooler belongs to the last (head) group
             for param in self.pooler.parameters():
                 param.requires_grad = True
+        if isinstance(self.conv1, PretrainedStem):
+            self.conv1.apply_lock()
         self.train(self.training)  # apply the stem rule below to the current mode
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer-grouping interface (``timm.models.group_parameters``; layer-wise lr decay):
+        group 0 the embeddings (``conv1`` / stem, ``class_embedding``, ``positional_embedding``,
+        ``ln_pre``), group ``i + 1`` block ``i``, and everything after the blocks (``ln_post``,
+        ``pooler``, ``proj``) the last group. ``coarse`` is accepted for the interface; the grouping
+        is the same."""
+        return {"stem": r"^(?:conv1|class_embedding|positional_embedding|ln_pre|patch_dropout)\b",
+                "blocks": r"^transformer\.resblocks\.(\d+)\."}
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -40,6 +40,10 @@ class TrainConfig:
     final_ln_after_pool: bool = False
     patch_dropout: float = 0.0           # FLIP: fraction of patch tokens dropped per image in training, in [0, 1)
     lock_text: bool = False
+    lock_image: bool = False             # freeze the image tower (open_clip's lock_image_tower, LiT)
+    lock_image_unlocked_groups: int = 0  # with lock_image: leave open_clip's last N groups trainable (1: pooler
+                                         # and proj; 2: also the last block and ln_post; ...)
+    lock_image_freeze_bn_stats: bool = False  # with lock_image: passed to open_clip (its ViT ignores it)
     cache_text: bool = False             # with lock_text and an HF text tower: pooled text features computed once
     warm_text_cache: bool = True         # with cache_text: compute every caption of small local shards up
                                          # front, in large batches (mmrl.data.caption_index)
@@ -57,6 +61,8 @@ class TrainConfig:
     epochs: int | None = None
     lr: float = 5e-4
     p_lr_mult: float = 1.0               # learning-rate multiplier for GGeM's exponents
+    lr_layer_decay: float = 1.0          # in (0, 1]: ViT block i of L trains at lr * d^(L - i), the embeddings
+                                         # at lr * d^(L + 1), the head, text tower and temperature at lr (1: off)
     weight_decay: float = 0.2
     warmup_steps: int = 100
     betas: tuple[float, float] = (0.9, 0.98)
@@ -107,6 +113,13 @@ class TrainConfig:
             raise bad("epochs", "an integer >= 1", self.epochs)
         if self.lr <= 0:
             raise bad("lr", "a positive float", self.lr)
+        if not 0 < self.lr_layer_decay <= 1:
+            raise bad("lr_layer_decay", "a float in (0, 1] (1: no layer decay)", self.lr_layer_decay)
+        if self.lock_image_unlocked_groups < 0:
+            raise bad("lock_image_unlocked_groups", "an integer >= 0", self.lock_image_unlocked_groups)
+        for key in ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"):
+            if getattr(self, key) and not self.lock_image:
+                raise ConfigError(f"config key {key!r}: applies to a locked image tower; set lock_image=true")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", "an integer >= 0", self.warmup_steps)
         if len(self.betas) != 2:

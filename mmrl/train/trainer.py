@@ -93,6 +93,8 @@ class _Trainer:
                              cache_text=cfg.cache_text, patch_dropout=cfg.patch_dropout, **extra)
         if cfg.init_from:
             self._init_weights(model, resuming=f"{root}/{tag}" if tag else None)
+        if cfg.lock_image:  # open_clip's LiT lock (mmrl.model.vision: the pooler is in the last group)
+            model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model
@@ -118,8 +120,11 @@ class _Trainer:
         self.total_steps = min(limits)
         self.steps_per_epoch = steps_per_epoch
 
-        optimizer = make_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps, cfg.p_lr_mult)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, self.total_steps))
+        optimizer = make_optimizer(self.module, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps, cfg.p_lr_mult,
+                                   cfg.lr_layer_decay)
+        # LambdaLR scales every group's initial lr (lr * lr_mult) by the same factor
+        self.lr_factor = warmup_cosine(cfg.warmup_steps, self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, info.world_size), dist_init_required=False)
@@ -226,7 +231,7 @@ class _Trainer:
                 batches = [next(stream) for _ in range(cfg.grad_accum)]
                 wait = time.time() - t0
                 self.state["micro_batches"] += cfg.grad_accum
-                lr_used = self.scheduler.get_last_lr()[0]
+                lr_used = cfg.lr * self.lr_factor(self.scheduler.last_epoch)  # the base lr (groups: x lr_mult)
                 loss, stop = self.optimizer_step(batches, stopper.requested)
                 if loss is None:
                     consecutive_bad += 1
