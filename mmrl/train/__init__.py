@@ -1,7 +1,7 @@
 """Training on DeepSpeed: config, engine module, loop, checkpoints."""
-from .config import DataConfig, TrainConfig
+from .config import DataConfig, EvalConfig, TrainConfig
 
-__all__ = ["DataConfig", "TrainConfig", "train"]
+__all__ = ["DataConfig", "EvalConfig", "TrainConfig", "train"]
 
 
 def train(cfg: TrainConfig):

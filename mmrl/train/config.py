@@ -7,7 +7,7 @@ from typing import Any
 from ..config import ConfigError
 from ..data.augment import AugConfig
 
-__all__ = ["AugConfig", "DataConfig", "TrainConfig"]
+__all__ = ["AugConfig", "DataConfig", "EvalConfig", "TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("clip", "siglip")
@@ -29,6 +29,38 @@ class DataConfig:
     synthetic: bool = False              # random images and token ids, no shards read (speed measurements,
                                          # mmrl.data.synthetic); data.train is then ignored, with a warning;
                                          # an epoch is num_samples (default 1,000,000), needed with epochs
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (mmrl.train.periodic_eval); none unless ``suite`` or ``val_data`` is set."""
+
+    every: int = 0                       # optimizer steps between evaluations; 0: only at the end of the run
+    suite: str | None = None             # a suite YAML (as `mmrl eval suite`), run on the main rank
+    suite_root: str | None = None        # the suite's data root (default: the file's own `root`)
+    val_data: str | None = None          # held-out shards (data.train's syntax): validation loss and R@1
+    val_samples: int = 1000              # the fixed set: the first N samples of val_data, in order
+    val_batch_size: int = 256            # global batch of the in-batch loss/R@1 (and the suite's batch size)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.suite or self.val_data)
+
+    def validate(self, prefix: str = "") -> None:
+        for key in ("suite", "suite_root", "val_data"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"config key '{prefix}{key}': expected a path or null, got {value!r}")
+        if self.every < 0:
+            raise ConfigError(f"config key '{prefix}every': expected an integer >= 0, got {self.every!r}")
+        for key in ("val_samples", "val_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{prefix}{key}': expected an integer >= 1, got {getattr(self, key)!r}")
+        if self.suite_root is not None and self.suite is None:
+            raise ConfigError(f"config key '{prefix}suite_root': set {prefix}suite too (the suite whose data it holds)")
+        if self.every > 0 and not self.enabled:
+            raise ConfigError(f"config key '{prefix}every': nothing to evaluate; set {prefix}suite "
+                              f"and/or {prefix}val_data")
 
 
 @dataclass
@@ -54,6 +86,7 @@ class TrainConfig:
     # data
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)  # train-time augmentation (mmrl.data.augment)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation during training (never changes it)
     batch_size: int = 64                 # per rank, per micro-step
     workers: int = 2                     # data-loading processes per rank
     # schedule
@@ -129,6 +162,7 @@ class TrainConfig:
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise bad("init_from", "a model folder or weights file path, or null", self.init_from)
         self.aug.validate("aug.")
+        self.eval.validate("eval.")
         if self.data.group_size < 1:
             raise bad("data.group_size", "an integer >= 1", self.data.group_size)
         if self.data.group_size > 1 and not self.data.group_key:

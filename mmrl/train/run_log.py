@@ -41,6 +41,14 @@ class RunLog:
             self.bar.update(step - self.bar.n)
 
     def record(self, step: int, values: dict[str, Any]) -> None:
+        """A training row; TensorBoard scalars ``train/<key>``."""
+        self._write(step, values, "train/")
+
+    def record_eval(self, step: int, values: dict[str, Any]) -> None:
+        """An evaluation row (keys already ``eval/...``); TensorBoard scalars under those keys."""
+        self._write(step, values, "")
+
+    def _write(self, step: int, values: dict[str, Any], tb_prefix: str) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **values}
@@ -49,10 +57,10 @@ class RunLog:
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                    self.tb.add_scalar(f"{tb_prefix}{key}", value, step)
                 elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
                     for i, v in enumerate(value):
-                        self.tb.add_scalar(f"train/{key}/{i}", v, step)
+                        self.tb.add_scalar(f"{tb_prefix}{key}/{i}", v, step)
 
     def message(self, text: str) -> None:
         if self.enabled:

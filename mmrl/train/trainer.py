@@ -7,7 +7,9 @@ and too many in a row abort -- and on a pending SIGTERM/SIGINT -- a checkpoint i
 the run exits cleanly). Checkpoints every ``save_every`` steps (:mod:`.checkpoint`),
 ``resume=auto`` continues model, optimizer, schedule, step and data position (and wins over
 ``init_from``, the weights a fresh run starts from: :mod:`mmrl.model.init_weights`); the end of the
-run exports the consolidated model with ``mmrl.save_model`` to ``OUTPUT/model``.
+run exports the consolidated model with ``mmrl.save_model`` to ``OUTPUT/model``. With ``eval.suite`` /
+``eval.val_data``, the weights are evaluated every ``eval.every`` steps and at the end of the run,
+without changing training (:mod:`.periodic_eval`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_
 from .module import ContrastiveModule, make_loss
 from .optim import make_optimizer, warmup_cosine
 from .params import full_state_dict, gathered_values
+from .periodic_eval import PeriodicEval
 from .run_lock import RunLock
 from .run_log import RunLog
 from .step import contrastive_step
@@ -98,7 +101,8 @@ class _Trainer:
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model
-        self.preprocess = build_train_transform(create_transforms(model)[0], cfg.aug)
+        train_transform, eval_transform = create_transforms(model)
+        self.preprocess = build_train_transform(train_transform, cfg.aug)
         self.tokenizer = get_tokenizer(model.mmrl_cfg["model_cfg"])
         self.module = ContrastiveModule(model)
         self.loss_fn = make_loss(cfg.loss, cfg.local_loss, cfg.gather_with_grad, info.rank, info.world_size,
@@ -109,6 +113,9 @@ class _Trainer:
         if cfg.data.synthetic and cfg.data.train and info.is_main:
             print(f"mmrl train: data.synthetic=true: data.train={cfg.data.train!r} is not read "
                   f"(batches are random images and token ids)", file=sys.stderr, flush=True)
+        self.evaluator = PeriodicEval(cfg, info, self.device, self.module, eval_transform, self.tokenizer,
+                                      self.out) if cfg.eval.enabled else None
+        self.last_eval: dict[str, object] | None = None
         self.loader = _make_loader(cfg, self.preprocess, self.tokenizer, rank=info.rank, world_size=info.world_size)
         warm = cfg.cache_text and cfg.warm_text_cache and not cfg.data.synthetic  # no shards to read captions from
         self.text_warm = self._warm_text_cache() if warm else None
@@ -214,6 +221,13 @@ class _Trainer:
             out["ggem_p"] = [round(float(v), 5) for v in values[1].clamp(min=self.module.model.visual.pooler.p_min)]
         return out
 
+    def evaluate(self, log: RunLog) -> float:
+        """Evaluate the current weights (all ranks); log the ``eval/...`` row. Returns its seconds."""
+        values = self.evaluator.evaluate(self.step, self.engine, self.dtype, log.message)
+        log.record_eval(self.step, values)
+        self.last_eval = {"step": self.step, **values}
+        return float(values["eval/seconds"])
+
     def run(self) -> dict[str, object]:
         cfg, info = self.cfg, self.info
         log = RunLog(self.out, self.total_steps, self.step, info.is_main)
@@ -258,6 +272,8 @@ class _Trainer:
                               "epoch": (self.step * cfg.grad_accum) // self.loader.num_batches, **self.logged_values()}
                     log.record(self.step, values)
                     window_start, window_steps, window_wait = time.time(), 0, 0.0
+                if self.evaluator is not None and loss is not None and not stop and self.evaluator.due(self.step):
+                    window_start += self.evaluate(log)  # not counted in the next window's samples/s
                 if stop:
                     log.message(f"stop requested: saving a checkpoint at step {self.step}")
                     self.save()
@@ -267,6 +283,8 @@ class _Trainer:
                     self.save()
             if not stopped and self.last_saved_step != self.step:
                 self.save()
+            if self.evaluator is not None and not stopped and self.evaluator.last_step != self.step:
+                self.evaluate(log)
             model_dir = None if stopped else self.export()
         finally:
             stopper.restore()
@@ -276,19 +294,21 @@ class _Trainer:
                    "final_loss": last_loss, "skipped_samples": self.loader.num_skipped,
                    "skipped": dict(self.loader.skipped), "nonfinite_steps": self.state["nonfinite_steps"],
                    "model_dir": str(model_dir) if model_dir else None, "text_cache_warm": self.text_warm,
-                   "cpu_threads": torch.get_num_threads()}
+                   "cpu_threads": torch.get_num_threads(), "eval": self.last_eval}
         if info.is_main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
         return summary
 
 
 _RESUME_FREE = ("resume", "output_dir", "init_from", "init_strict")  # keys a resumed run may change
+_RESUME_FREE_SECTIONS = ("eval.",)  # evaluation never changes training: a resumed run may change it
 
 
 def check_same_run(cfg: TrainConfig) -> None:
     """Refuse (ValueError, one line) when ``cfg.output_dir`` holds checkpoints of a run whose saved
     ``config.yaml`` differs from ``cfg`` (``resume``, ``output_dir`` and ``init_from`` / ``init_strict``
-    aside: a resumed run skips the init) or no longer loads."""
+    aside: a resumed run skips the init; and the ``eval.*`` keys: evaluation never changes training)
+    or no longer loads."""
     out = Path(cfg.output_dir)
     saved_path, ckpts = out / "config.yaml", out / "checkpoints"
     if not saved_path.is_file() or not ckpts.is_dir() or not any(ckpts.iterdir()):
@@ -298,8 +318,11 @@ def check_same_run(cfg: TrainConfig) -> None:
         saved = load_config(TrainConfig, saved_path)
     except ValueError as err:
         raise ValueError(f"{out} holds checkpoints whose config.yaml no longer loads ({err}); {hint}") from None
-    old = {k: v for k, v in _flat(to_dict(saved)).items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _RESUME_FREE}
+    def kept(key: str) -> bool:
+        return key not in _RESUME_FREE and not key.startswith(_RESUME_FREE_SECTIONS)
+
+    old = {k: v for k, v in _flat(to_dict(saved)).items() if kept(k)}
+    new = {k: v for k, v in _flat(to_dict(cfg)).items() if kept(k)}
     for key in list(new) + [k for k in old if k not in new]:
         if old.get(key) != new.get(key):
             raise ValueError(f"{out} holds a run with {key}={_short(old.get(key))} "
