@@ -11,6 +11,7 @@ __all__ = ["AugConfig", "DataConfig", "EvalConfig", "TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("clip", "siglip")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -106,6 +107,10 @@ class TrainConfig:
     zero_stage: int = 0
     grad_accum: int = 1
     grad_checkpointing: bool = False
+    compile: bool = False                # torch.compile the model through DeepSpeed's engine.compile(); ZeRO 0-2
+                                         # (nn.Module.compile in place: state-dict keys unchanged)
+    compile_mode: str | None = None      # with compile: torch.compile mode (inductor only), e.g. "max-autotune"
+    compile_backend: str = "inductor"    # with compile: a torch._dynamo backend ("aot_eager": no C++ compiler)
     # loss
     loss: str = "clip"
     local_loss: bool = True
@@ -129,6 +134,16 @@ class TrainConfig:
             raise bad("precision", " or ".join(PRECISIONS), self.precision)
         if self.zero_stage not in (0, 1, 2, 3):
             raise bad("zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise bad("compile_mode", "null or one of " + ", ".join(COMPILE_MODES), self.compile_mode)
+        if self.compile_backend not in _dynamo_backends():
+            raise bad("compile_backend", "a torch._dynamo backend (e.g. 'inductor', 'aot_eager')",
+                      self.compile_backend)
+        if self.compile and self.zero_stage == 3:  # ZeRO-3 gathers parameters outside traced code
+            raise ConfigError("config key 'compile': not supported with zero_stage=3 (use zero_stage 0-2)")
+        if self.compile_mode is not None and self.compile_backend != "inductor":
+            raise ConfigError(f"config key 'compile_mode': needs compile_backend='inductor', "
+                              f"not {self.compile_backend!r}")
         if self.loss not in LOSSES:
             raise bad("loss", " or ".join(LOSSES), self.loss)
         for key in ("batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
@@ -187,3 +202,9 @@ class TrainConfig:
                               "(e.g. data.train='shards/{00000..00009}.tar'), or data.synthetic=true for random data")
         elif self.data.weights is not None and len(self.data.weights.split("::")) != len(self.data.train.split("::")):
             raise ConfigError("config key 'data.weights': give one weight per '::'-separated source in data.train")
+
+
+def _dynamo_backends() -> list[str]:
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())

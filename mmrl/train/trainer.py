@@ -9,7 +9,8 @@ the run exits cleanly). Checkpoints every ``save_every`` steps (:mod:`.checkpoin
 ``init_from``, the weights a fresh run starts from: :mod:`mmrl.model.init_weights`); the end of the
 run exports the consolidated model with ``mmrl.save_model`` to ``OUTPUT/model``. With ``eval.suite`` /
 ``eval.val_data``, the weights are evaluated every ``eval.every`` steps and at the end of the run,
-without changing training (:mod:`.periodic_eval`).
+without changing training (:mod:`.periodic_eval`). ``compile=true`` runs the model through
+torch.compile via DeepSpeed's ``engine.compile()`` (:meth:`_Trainer._compile`).
 """
 from __future__ import annotations
 
@@ -135,6 +136,8 @@ class _Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, info.world_size), dist_init_required=False)
+        if cfg.compile:
+            self._compile()
         self.dtype = next(self.engine.module.parameters()).dtype
         self.step = 0
         self.last_saved_step: int | None = None  # decided locally: no rank reads another's files
@@ -153,6 +156,20 @@ class _Trainer:
                 self.loader.skipped[reason] = n
         self.resumed_from = f"{root}/{tag}" if tag else None
         self.pooler_p = getattr(self.module.model.visual.pooler, "p", None)
+
+    def _compile(self) -> None:
+        """``compile``: DeepSpeed's ``engine.compile()``, i.e. ``nn.Module.compile`` of the wrapped
+        :class:`ContrastiveModule` in place -- after ``deepspeed.initialize``, so ZeRO's hooks are
+        installed first, and with no ``_orig_mod`` wrapper: checkpoints and the exported model keep
+        their keys. Compilation happens lazily, at the first forward (and once more for the no-grad
+        encodings of ``grad_accum > 1``). ZeRO 0-2 only (the config refuses stage 3: its parameters,
+        gathered by module hooks, reach traced code as empty partitions)."""
+        kwargs = {"mode": self.cfg.compile_mode} if self.cfg.compile_mode else {}
+        self.engine.compile(backend=self.cfg.compile_backend, compile_kwargs=kwargs)
+        if self.info.is_main:
+            mode = f", mode={self.cfg.compile_mode}" if self.cfg.compile_mode else ""
+            print(f"mmrl train: model compiled (backend={self.cfg.compile_backend}{mode}; "
+                  f"the first steps include compilation)", file=sys.stderr, flush=True)
 
     def _init_weights(self, model: torch.nn.Module, resuming: str | None) -> None:
         """``init_from``: matching tensors loaded before DeepSpeed partitions anything (every rank reads
@@ -300,15 +317,16 @@ class _Trainer:
         return summary
 
 
-_RESUME_FREE = ("resume", "output_dir", "init_from", "init_strict")  # keys a resumed run may change
+# keys a resumed run may change (compiling changes no weight or data position)
+_RESUME_FREE = ("resume", "output_dir", "init_from", "init_strict", "compile", "compile_mode", "compile_backend")
 _RESUME_FREE_SECTIONS = ("eval.",)  # evaluation never changes training: a resumed run may change it
 
 
 def check_same_run(cfg: TrainConfig) -> None:
     """Refuse (ValueError, one line) when ``cfg.output_dir`` holds checkpoints of a run whose saved
     ``config.yaml`` differs from ``cfg`` (``resume``, ``output_dir`` and ``init_from`` / ``init_strict``
-    aside: a resumed run skips the init; and the ``eval.*`` keys: evaluation never changes training)
-    or no longer loads."""
+    aside: a resumed run skips the init; so are ``compile*``, which change no weight, and the ``eval.*``
+    keys: evaluation never changes training) or no longer loads."""
     out = Path(cfg.output_dir)
     saved_path, ckpts = out / "config.yaml", out / "checkpoints"
     if not saved_path.is_file() or not ckpts.is_dir() or not any(ckpts.iterdir()):
