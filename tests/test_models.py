@@ -335,3 +335,28 @@ def test_text_cache_warm_equals_on_the_fly_features():
     model.text.max_entries = len(captions) + 1
     assert model.text.warm(tokenizer(["one", "two", "three more"])) == 1  # room for one: nothing evicted
     assert len(model.text._cache) == len(captions) + 1
+
+
+def test_text_cache_in_eval_mode_reads_but_never_changes_the_cache():
+    """Evaluation during training runs the model in eval mode: it must leave the training cache as it was
+    (entries, order, evictions), while still giving the same features."""
+    from mmrl.model.text_cache import enable_text_cache
+
+    name = "mmrl-vit-tiny-p8-64-minilm"
+    torch.manual_seed(0)
+    model = enable_text_cache(mmrl.create_model(name, pool="ggem", lock_text=True), max_entries=3)
+    tokenizer = mmrl.get_tokenizer(name)
+    model.train()
+    with torch.no_grad():
+        trained = model.encode_text(tokenizer(["a red apple", "the letter q", "three"]))
+    before = list(model.text._cache)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model.encode_text(tokenizer(["three", "a frog", "a red apple", "a new caption"]))
+    assert list(model.text._cache) == before  # nothing added, evicted or reordered
+    torch.testing.assert_close(evaluated[0], trained[2])
+    torch.testing.assert_close(evaluated[2], trained[0])
+    model.train()
+    with torch.no_grad():
+        model.encode_text(tokenizer(["a frog"]))
+    assert len(model.text._cache) == 3 and list(model.text._cache)[-1] not in before  # training stores again

@@ -43,6 +43,8 @@ class CachedHFTextEncoder(nn.Module):
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled (pre-projection) features of ``tokens`` ``[B, ctx]``, from the cache where possible."""
         keys = [row.tobytes() for row in tokens.detach().cpu().numpy()]
+        store = self.training  # in eval mode (evaluation during training) the cache is read, never changed
+        fresh: dict[bytes, torch.Tensor] = {}
         first_seen = {}
         for i, k in enumerate(keys):
             if k not in self._cache:
@@ -64,9 +66,12 @@ class CachedHFTextEncoder(nn.Module):
             finally:
                 self.transformer.train(was_training)
             for i, f in zip(missing, feats):
-                self._cache[keys[i]] = f
+                fresh[keys[i]] = f
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
+        if not store:
+            return torch.stack([fresh[k] if k in fresh else self._cache[k] for k in keys]).to(tokens.device)
+        self._cache.update(fresh)
         for k in keys:
             self._cache.move_to_end(k)
         while len(self._cache) > self.max_entries:

@@ -151,8 +151,10 @@ class PeriodicEval:
     def _suite_on_copy(self, step: int, state: dict[str, torch.Tensor], message: Callable[[str], None]):
         cfg = self.cfg
         if self.copy is None:
+            bias = {"init_logit_bias": -10.0} if cfg.loss == "siglip" else {}  # SigLIP's model has a logit_bias
             self.copy = create_model(cfg.model, cfg.pool, pool_kwargs=cfg.pool_kwargs or None,
-                                     final_ln_after_pool=cfg.final_ln_after_pool).to(self.device)
+                                     final_ln_after_pool=cfg.final_ln_after_pool, pretrained=False,
+                                     **bias).to(self.device)
         self.copy.load_state_dict(state)
         self.copy.eval()
         info = ModelInfo(cfg.model, f"{self.out} step {step}", cfg.pool, "training", f"train:{self.out}:{step}")
