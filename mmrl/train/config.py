@@ -136,7 +136,7 @@ class TrainConfig:
             raise bad("zero_stage", "0, 1, 2 or 3", self.zero_stage)
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise bad("compile_mode", "null or one of " + ", ".join(COMPILE_MODES), self.compile_mode)
-        if self.compile_backend not in _dynamo_backends():
+        if (self.compile or self.compile_backend != "inductor") and self.compile_backend not in _dynamo_backends():
             raise bad("compile_backend", "a torch._dynamo backend (e.g. 'inductor', 'aot_eager')",
                       self.compile_backend)
         if self.compile and self.zero_stage == 3:  # ZeRO-3 gathers parameters outside traced code
