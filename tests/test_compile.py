@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import mmrl
+from helpers.eager_engine import EagerEngine
 from mmrl.config import ConfigError, load_config
 from mmrl.layers.generalized_mean import ggem
 from mmrl.train.config import TrainConfig
@@ -123,27 +124,6 @@ def test_inductor_compiled_ggem_tower_equals_eager():
     _assert_close_grads(eager_grads, grads)
 
 
-class _Engine:
-    """The calls contrastive_step makes of a DeepSpeed engine, on a plain module and SGD."""
-
-    def __init__(self, module):
-        self.module = module
-        self.opt = torch.optim.SGD(module.parameters(), lr=0.1)
-
-    def __call__(self, images, texts):
-        return self.module(images, texts)
-
-    def backward(self, loss, scale_wrt_gas=True):
-        loss.backward()
-
-    def step(self):
-        pass
-
-    def update(self):
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
 def test_compiled_step_with_checkpointing_and_accumulation_equals_eager():
     """Two optimizer steps of grad_accum=2 (no-grad and live encodings, cached negatives) on a
     grad-checkpointed model: losses, gradients and updated weights as in eager mode."""
@@ -160,7 +140,7 @@ def test_compiled_step_with_checkpointing_and_accumulation_equals_eager():
         module = ContrastiveModule(model).train()
         if compiled:
             module.compile(backend="aot_eager")  # what engine.compile() does
-        engine = _Engine(module)
+        engine = EagerEngine(module)
         losses, grads = [], []
         for _ in range(2):
             loss, _ = contrastive_step(engine, ClipLoss(), batches, "cpu", torch.float32)

@@ -8,6 +8,7 @@ from open_clip.transformer import PatchDropout
 from torch import nn
 
 import mmrl
+from helpers.eager_engine import EagerEngine
 from mmrl.config import ConfigError, load_config
 from mmrl.model.vision import build_vision_tower
 from mmrl.pooling import list_pools
@@ -241,22 +242,6 @@ def test_trainer_builds_the_model_with_the_rate(tmp_path, monkeypatch):
     assert isinstance(built["dropout"], PatchDropout) and built["dropout"].prob == 0.25
 
 
-class _EagerEngine:
-    """The three calls contrastive_step makes of a DeepSpeed engine, on a plain module."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, images, texts):
-        return self.module(images, texts)
-
-    def backward(self, loss, scale_wrt_gas=True):
-        loss.backward()
-
-    def step(self):
-        pass
-
-
 def test_accumulated_steps_see_the_same_patches_in_both_encodings(images):
     """grad_accum with patch dropout: each micro-batch's cached and live encodings drop the same patches,
     so the summed gradients are those of one full-batch loss over those patches."""
@@ -271,7 +256,7 @@ def test_accumulated_steps_see_the_same_patches_in_both_encodings(images):
     half = len(images) // 2
     batches = [{"image": images[:half], "text": texts[:half]}, {"image": images[half:], "text": texts[half:]}]
     loss_fn = ClipLoss()
-    contrastive_step(_EagerEngine(module), loss_fn, batches, "cpu", torch.float32, seed=1234)
+    contrastive_step(EagerEngine(module), loss_fn, batches, "cpu", torch.float32, seed=1234)
     accumulated = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
     feats = []

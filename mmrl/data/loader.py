@@ -91,7 +91,7 @@ from .wds_stages import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LoaderConfig", "TrainLoader", "make_train_loader", "ShardSource", "parse_sources", "epoch_sizing",
+    "LoaderConfig", "TrainLoader", "make_train_loader", "ShardSource", "parse_sources", "epoch_sizing", "epoch_bounds",
     "LoaderStallError",
 ]
 
@@ -207,6 +207,16 @@ def shard_weights(sources: Sequence[ShardSource]) -> list[float]:
         else:
             out.extend([src.weight / len(src.shards)] * len(src.shards))
     return out
+
+
+def epoch_bounds(step: int, epoch: int, num_batches: int) -> tuple[int, int]:
+    """``(epoch, stop)`` of an iteration starting at ``step``: ``epoch``, or the one ``step`` lies in
+    once ``step`` is past ``epoch``'s end, and the step that ends it (the loaders' epoch contract)."""
+    stop = (epoch + 1) * num_batches
+    if step >= stop:
+        epoch = step // num_batches
+        stop = (epoch + 1) * num_batches
+    return epoch, stop
 
 
 def epoch_sizing(num_samples: int, batch_size: int, world_size: int, workers: int,
@@ -339,10 +349,7 @@ class TrainLoader:
             self.epoch, self.step = epoch, epoch * self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stop = (self.epoch + 1) * self.num_batches
-        if self.step >= stop:
-            self.epoch = self.step // self.num_batches
-            stop = (self.epoch + 1) * self.num_batches
+        self.epoch, stop = epoch_bounds(self.step, self.epoch, self.num_batches)
         self._window[0], self._window[1] = self.step, stop
         for batch in one_line_stalls(self.dataloader):
             if batch["step"] != self.step:  # the DataLoader's round-robin order is the contract

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .loader import LoaderConfig, epoch_sizing
+from .loader import LoaderConfig, epoch_bounds, epoch_sizing
 from .wds_stages import SAMPLE_SKIP_REASONS, derive_seed
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,7 @@ class SyntheticLoader:
             self.epoch, self.step = epoch, epoch * self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stop = (self.epoch + 1) * self.num_batches
-        if self.step >= stop:
-            self.epoch = self.step // self.num_batches
-            stop = (self.epoch + 1) * self.num_batches
+        self.epoch, stop = epoch_bounds(self.step, self.epoch, self.num_batches)
         while self.step < stop:
             batch = self.batch(self.step)
             self.step += 1
