@@ -60,6 +60,16 @@ class _Taps:
             h.remove()
 
 
+def _encode_tapped(model, images):
+    """``model.encode_image(images)`` (no grad) with the tower's dropout and pooler inputs recorded."""
+    taps = _Taps(model.visual)
+    try:
+        with torch.no_grad():
+            return model.encode_image(images), taps
+    finally:
+        taps.close()
+
+
 def _kept_indices(full, kept):
     """Index in ``full`` ([B, 1 + N, C]) of every token of ``kept`` ([B, 1 + K, C]), matched exactly."""
     match = (kept[:, :, None, :] == full[:, None, :, :]).all(-1)  # [B, 1 + K, 1 + N]
@@ -83,12 +93,7 @@ def test_training_pools_exactly_the_kept_tokens(pool, images):
     model = _model(pool, RATE).train()
     visual = model.visual
     assert isinstance(visual.patch_dropout, PatchDropout) and visual.patch_dropout.prob == RATE
-    taps = _Taps(visual)
-    try:
-        with torch.no_grad():
-            features = model.encode_image(images)
-    finally:
-        taps.close()
+    features, taps = _encode_tapped(model, images)
     keep = int(N * (1 - RATE))
     assert taps.dropout_in.shape[1] == 1 + N and taps.dropout_out.shape[1] == 1 + keep
     idx = _kept_indices(taps.dropout_in, taps.dropout_out)
@@ -146,12 +151,7 @@ def test_hybrid_stems(stem, pool, images):
     model = _model(pool, RATE, **kwargs)
     model.load_state_dict(plain.state_dict())
     model.train()
-    taps = _Taps(model.visual)
-    try:
-        with torch.no_grad():
-            features = model.encode_image(images)
-    finally:
-        taps.close()
+    features, taps = _encode_tapped(model, images)
     keep = int(tokens * (1 - RATE))
     assert taps.dropout_in.shape[1] == 1 + tokens and taps.dropout_out.shape[1] == 1 + keep
     idx = _kept_indices(taps.dropout_in, taps.dropout_out)

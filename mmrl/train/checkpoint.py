@@ -38,9 +38,10 @@ import torch.distributed as dist
 
 from ..fileio import NoSpaceLeft, atomic_write_text, is_no_space
 from ..safeload import FileUnreadable, WeightsRefused, load_weights_only
+from .distributed import worst_on_any_rank
 
 __all__ = ["CheckpointManager", "CheckpointRefused", "CheckpointUnreadable", "CheckpointSaveFailed", "COMPLETE_MARK",
-           "safe_types", "verify_checkpoint", "weights_only_loads", "file_object_saves", "worst_on_any_rank"]
+           "safe_types", "verify_checkpoint", "weights_only_loads", "file_object_saves"]
 
 COMPLETE_MARK = "mmrl_complete.json"
 VERIFIED = "verified"
@@ -61,15 +62,6 @@ class CheckpointSaveFailed(ValueError):
 
 
 _OK, _FAILED, _FULL = 0, 1, 2
-
-
-def worst_on_any_rank(code: int, device: Any = "cpu") -> int:
-    """The largest ``code`` over all ranks (one all-reduce; ``code`` itself without a process group)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return code
-    value = torch.tensor([code], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
 
 
 def _code(err: BaseException | None, path: Path) -> int:

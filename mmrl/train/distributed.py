@@ -11,14 +11,49 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from .config import TrainConfig
 
-__all__ = ["DistInfo", "dist_info_from_env", "init_distributed", "deepspeed_config", "device_for"]
+__all__ = ["DistInfo", "dist_info_from_env", "init_distributed", "deepspeed_config", "device_for",
+           "worst_on_any_rank", "on_main_rank", "OtherRankFailed"]
+
+T = TypeVar("T")
+
+
+class OtherRankFailed(ValueError):
+    """Work done by the main rank alone failed there; the other ranks raise this (the main rank names why)."""
+
+
+def worst_on_any_rank(code: int, device: Any = "cpu") -> int:
+    """The largest ``code`` over all ranks (one all-reduce; ``code`` itself without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return code
+    value = torch.tensor([code], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def on_main_rank(is_main: bool, device: Any, work: Callable[[], T], what: str) -> T | None:
+    """``work()`` on the main rank only (``None`` elsewhere); then every rank learns whether it failed
+    (one all-reduce), so no rank waits for one that died: the main rank re-raises its error, the
+    others raise :class:`OtherRankFailed` ("rank 0 failed to WHAT (its error names why)")."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+            error = err
+    if worst_on_any_rank(int(error is not None), device):
+        if error is not None:
+            raise error
+        raise OtherRankFailed(f"rank 0 failed to {what} (its error names why)")
+    return result
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,8 @@ from ..evaluation.context import EvalModel, ModelInfo, RunOptions
 from ..evaluation.suite import EntryResult, load_suite, run_suite
 from ..evaluation.tasks import get_task
 from ..model import create_model
-from .checkpoint import worst_on_any_rank
 from .config import TrainConfig
-from .distributed import DistInfo
+from .distributed import DistInfo, on_main_rank
 from .module import make_loss
 from .params import full_state_dict
 from .val_set import FixedSet, val_metrics, val_shards
@@ -134,19 +133,9 @@ class PeriodicEval:
 
     def _run_suite(self, step: int, engine, message: Callable[[str], None]) -> dict[str, float]:
         state = full_state_dict(engine, self.module, self.cfg.zero_stage)  # all ranks: a collective
-        error, values = None, {}
-        if self.info.is_main:
-            try:
-                values = self._suite_on_copy(step, state, message)
-            except Exception as err:  # noqa: BLE001 - the other ranks must not wait for it
-                error = err
-        del state
-        if worst_on_any_rank(int(error is not None), self.device):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"rank 0 failed to run eval.suite={self.ecfg.suite} at step {step} "
-                               f"(its error names why)")
-        return values
+        values = on_main_rank(self.info.is_main, self.device, lambda: self._suite_on_copy(step, state, message),
+                              f"run eval.suite={self.ecfg.suite} at step {step}")
+        return values or {}
 
     def _suite_on_copy(self, step: int, state: dict[str, torch.Tensor], message: Callable[[str], None]):
         cfg = self.cfg

@@ -31,9 +31,9 @@ from ..data.synthetic import make_synthetic_loader
 from ..data.wds_stages import derive_seed
 from ..fileio import atomic_write_text
 from ..model import create_model, create_transforms, get_tokenizer, init_from_weights, save_model
-from .checkpoint import CheckpointManager, CheckpointSaveFailed, worst_on_any_rank
+from .checkpoint import CheckpointManager
 from .config import TrainConfig
-from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_env, init_distributed
+from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_env, init_distributed, on_main_rank
 from .module import ContrastiveModule, make_loss
 from .optim import make_optimizer, warmup_cosine
 from .params import full_state_dict, gathered_values
@@ -217,16 +217,9 @@ class _Trainer:
     def export(self) -> Path:
         state = full_state_dict(self.engine, self.module, self.cfg.zero_stage)
         target = self.out / "model"
-        error = None
-        if self.info.is_main:
-            try:
-                save_model(self.model, target, state_dict=state)  # a full disk: NoSpaceLeft, earlier model kept
-            except Exception as err:  # noqa: BLE001 - the other ranks must not wait for it
-                error = err
-        if worst_on_any_rank(int(error is not None), self.device):
-            if error is not None:
-                raise error
-            raise CheckpointSaveFailed(f"rank 0 failed to export the model to {target} (its error names why)")
+        # a full disk: NoSpaceLeft on rank 0, an earlier model kept; the other ranks must not wait for it
+        on_main_rank(self.info.is_main, self.device, lambda: save_model(self.model, target, state_dict=state),
+                     f"export the model to {target}")
         return target
 
     def logged_values(self) -> dict[str, object]:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from ..data.batching import IMAGE_KEYS, decode_image, json_captions
+from ..data.batching import IMAGE_KEYS, decode_image, json_captions, sample_caption
 from ..data.loader import parse_sources
 from ..data.wds_stages import StreamStats, stream_samples
 
@@ -37,11 +37,9 @@ def val_shards(spec: str) -> list[str]:
 
 def sample_text(sample: dict) -> str | None:
     """A raw sample's caption: its ``txt``, else the first of its json ``captions`` (None: neither)."""
-    text = sample.get("txt")
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    if isinstance(text, str) and text.strip():
-        return text.strip()
+    text = sample_caption(sample)
+    if text is not None:
+        return text
     captions = json_captions(sample)
     return captions[0] if captions else None
 
