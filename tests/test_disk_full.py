@@ -53,8 +53,11 @@ def needs_tmpfs(test):  # real processes on a real filesystem: slow ones
 def on_tmpfs(mount: Path, size: str, script: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run bash ``script`` with a fresh ``size`` tmpfs on ``mount``; ``fill N`` leaves N bytes free on it."""
     mount.mkdir(parents=True, exist_ok=True)
-    prelude = (f"set -u; mount -t tmpfs -o size={size} tmpfs {mount}\n"
-               f"fill() {{ free=$(df -B1 --output=avail {mount} | tail -1); "
+    # Never fill the real disk: stop unless the tmpfs is mounted, and fill only a tmpfs.
+    prelude = (f"set -u; mount -t tmpfs -o size={size} tmpfs {mount} || exit 97\n"
+               f"[ \"$(stat -f -c %T {mount})\" = tmpfs ] || exit 98\n"
+               f"fill() {{ [ \"$(stat -f -c %T {mount})\" = tmpfs ] || exit 98; "
+               f"free=$(df -B1 --output=avail {mount} | tail -1); "
                f"fallocate -l $((free - $1)) {mount}/filler; }}\n")
     return subprocess.run([*UNSHARE, "bash", "-c", prelude + script], capture_output=True, text=True,
                           timeout=timeout, env=env(), cwd=ROOT)
@@ -198,7 +201,7 @@ def test_model_export_on_a_full_disk_keeps_the_earlier_model(tmp_path):
 {sys.executable} {script} {mount} first || exit 9
 fill 100000
 {sys.executable} {script} {mount} again
-cp -a {mount}/. {kept}; rm {kept}/filler
+rm {mount}/filler; cp -a {mount}/. {kept}
 """)
     errors = [line for line in proc.stdout.splitlines() if line.startswith("ERR")]
     assert errors == [f"ERR no space left on device writing {mount / 'model' / 'open_clip_model.safetensors'}",
