@@ -13,7 +13,7 @@ hold at most ``max_samples`` samples: for a web-scale corpus the cache fills as 
 from __future__ import annotations
 
 from .batching import json_captions, sample_caption
-from .loader import parse_sources
+from .shard_specs import parse_sources
 from .wds_stages import StreamStats, stream_samples
 
 __all__ = ["shard_captions"]
@@ -25,7 +25,7 @@ def shard_captions(train: str, multi_caption: bool, max_samples: int) -> list[st
     else its ``.txt``. ``None`` when a source is remote, a shard's size is unknown, or the
     shards hold more than ``max_samples`` samples."""
     sources = parse_sources(train)
-    if any(s.sizes is None for s in sources) or sum(sum(s.sizes) for s in sources) > max_samples:
+    if any(s.remote or s.sizes is None for s in sources) or sum(sum(s.sizes) for s in sources) > max_samples:
         return None
     stats = StreamStats(max_consecutive_bad_samples=10 ** 9, max_consecutive_bad_shards=10 ** 9)
     seen = {}

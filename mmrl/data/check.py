@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..fileio import atomic_write_text
 from ..progress import progress as progress_bar
+from .remote import is_remote
 from .shards import write_sizes
 
 __all__ = ["ShardReport", "expand_shards", "check_shards", "sizes_from_stats"]
@@ -41,9 +42,13 @@ class ShardReport:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """A folder (its ``*.tar``), a glob, or a brace pattern; ``::`` joins several."""
+    """A folder (its ``*.tar``), a glob, or a brace pattern; ``::`` joins several. Local files only:
+    a URL or ``pipe:`` command is a ValueError (check shards where they are stored)."""
     paths: list[str] = []
     for part in spec.split("::"):
+        if is_remote(part):
+            raise ValueError(f"{part}: shard check reads local shard files, not URLs or pipe: commands; run it where "
+                             f"the shards are stored and publish the sizes.json it writes next to them")
         if os.path.isdir(part):
             paths.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
             continue

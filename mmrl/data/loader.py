@@ -11,8 +11,9 @@ Usage::
 
 Sources
     ``train`` is one or more shard specs joined by ``::`` -- brace patterns
-    (``/data/{00000..00009}.tar``), globs, folders (their ``*.tar``) or URLs webdataset can open
-    (``pipe:``, ``http://``). ``weights`` (``"1::3"``) gives each source's expected share of the
+    (``/data/{00000..00009}.tar``), globs, folders (their ``*.tar``) or URL patterns
+    (``pipe:CMD``, ``http(s)://``, ``s3://``; :mod:`mmrl.data.remote`), whose reads wait at most
+    ``stream_timeout`` seconds for data. ``weights`` (``"1::3"``) gives each source's expected share of the
     *samples* drawn (resampled mode only): a shard's draw probability is its source's weight
     times its share of the source's samples (from ``sizes.json``; equal shares without one).
     Without weights every shard is equally likely.
@@ -20,8 +21,8 @@ Sources
     so there a source's share also grows with its shard count.)
 
 Epoch length
-    ``num_samples`` when set, else the sum over the listed shards of ``sizes.json`` (read
-    next to each source's shards: ``{"00000.tar": count, ...}``). As in open_clip, an epoch is
+    ``num_samples`` when set, else the sum over the listed shards of ``sizes.json`` (read next to
+    each source's shards, a URL's at its parent: ``{"00000.tar": count, ...}``). As in open_clip, an epoch is
     ``num_batches = ceil(num_samples / (batch_size * world_size))`` per rank, rounded up to a
     multiple of the worker count so every worker and every rank delivers the same number of
     batches (DDP hangs otherwise); ``num_samples`` is then recomputed from it.
@@ -57,24 +58,22 @@ Bad data
 """
 from __future__ import annotations
 
-import glob
 import itertools
-import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batching import BatchBuilder, ImagePlan, plan_transform
+from .remote import DEFAULT_TIMEOUT
 from .shard_files import check_shards
+from .shard_specs import ShardSource, parse_sources, shard_weights
 from .wds_stages import (
     SAMPLE_SKIP_REASONS,
     LoaderStallError,
@@ -91,7 +90,8 @@ from .wds_stages import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LoaderConfig", "TrainLoader", "make_train_loader", "ShardSource", "parse_sources", "epoch_sizing", "epoch_bounds",
+    "LoaderConfig", "TrainLoader", "make_train_loader", "ShardSource", "parse_sources", "shard_weights", "epoch_sizing",
+    "epoch_bounds",
     "LoaderStallError",
 ]
 
@@ -124,91 +124,12 @@ class LoaderConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     timeout: float = 0.0                    # > 0: error when a worker delivers no batch for this long (s)
+    stream_timeout: float = DEFAULT_TIMEOUT  # remote shards: a read waiting this long for data fails the shard (s)
 
 
 # --------------------------------------------------------------------------------------------
 # sources and sizing
 # --------------------------------------------------------------------------------------------
-@dataclass
-class ShardSource:
-    """One ``::``-separated source: its shards, weight and per-shard sample counts
-    (None where ``sizes.json`` is missing or does not list every shard)."""
-
-    spec: str
-    shards: list[str]
-    weight: float = 1.0
-    sizes: list[int] | None = None
-
-
-def _expand(spec: str) -> list[str]:
-    if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
-    out: list[str] = []
-    for item in braceexpand(spec):
-        if "://" not in item and not item.startswith("pipe:") and any(c in item for c in "*?["):
-            out.extend(sorted(glob.glob(item)))
-        else:
-            out.append(item)
-    return out
-
-
-def _read_sizes(shards: Sequence[str]) -> list[int] | None:
-    """Counts from ``sizes.json`` in the folder of each (local) shard; None if any is unknown."""
-    tables: dict[str, dict | None] = {}
-    counts = []
-    for shard in shards:
-        path = shard[len("file:"):] if shard.startswith("file:") else shard
-        if "://" in path or path.startswith("pipe:"):
-            return None
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in tables:
-            try:
-                with open(os.path.join(folder, "sizes.json")) as fh:
-                    tables[folder] = json.load(fh)
-            except (OSError, ValueError):
-                tables[folder] = None
-        table = tables[folder]
-        if table is None or os.path.basename(path) not in table:
-            return None
-        counts.append(int(table[os.path.basename(path)]))
-    return counts
-
-
-def parse_sources(train: str, weights: str | None = None) -> list[ShardSource]:
-    """Split ``train`` on ``::``, expand each part, attach weights and sizes."""
-    specs = [s for s in train.split("::")]
-    if any(not s.strip() for s in specs):
-        raise ValueError(f"empty source in train={train!r}")
-    if weights is not None:
-        ws = [float(w) for w in str(weights).split("::")]
-        if len(ws) != len(specs):
-            raise ValueError(f"{len(ws)} weights ({weights!r}) for {len(specs)} sources ({train!r})")
-        if any(w < 0 or not math.isfinite(w) for w in ws) or sum(ws) <= 0:
-            raise ValueError(f"weights must be finite, >= 0 and not all 0: {weights!r}")
-    else:
-        ws = [1.0] * len(specs)
-    sources = []
-    for spec, w in zip(specs, ws):
-        shards = _expand(spec.strip())
-        if not shards:
-            raise FileNotFoundError(f"no shards match {spec!r}")
-        check_shards(spec.strip(), shards)  # its first shard: a mistyped path or a wrong file, in one line
-        sources.append(ShardSource(spec.strip(), shards, w, _read_sizes(shards)))
-    return sources
-
-
-def shard_weights(sources: Sequence[ShardSource]) -> list[float]:
-    """Per-shard draw weights giving each source its weight's share of the samples."""
-    out: list[float] = []
-    for src in sources:
-        total = sum(src.sizes) if src.sizes else 0
-        if total > 0:
-            out.extend(src.weight * n / total for n in src.sizes)
-        else:
-            out.extend([src.weight / len(src.shards)] * len(src.shards))
-    return out
-
-
 def epoch_bounds(step: int, epoch: int, num_batches: int) -> tuple[int, int]:
     """``(epoch, stop)`` of an iteration starting at ``step``: ``epoch``, or the one ``step`` lies in
     once ``step`` is past ``epoch``'s end, and the step that ends it (the loaders' epoch contract)."""
@@ -276,11 +197,12 @@ class TrainStream(IterableDataset):
         if cfg.resampled:
             urls = resampled_shards(self.shards, self.weights, seed=cfg.seed, rank=self.rank, stream=stream,
                                     segment=seg)
-            return shuffled_and_grouped(stream_samples(urls, stats))
+            return shuffled_and_grouped(stream_samples(urls, stats, cfg.stream_timeout))
         # epoch mode: the buffers drain at the end of each pass, so a pass is a permutation
         passes = epoch_passes(self.shards, seed=cfg.seed, epoch=seg, rank=self.rank, world_size=self.world_size,
                               stream=stream, num_streams=self.num_streams)
-        return itertools.chain.from_iterable(shuffled_and_grouped(stream_samples(urls, stats)) for urls in passes)
+        return itertools.chain.from_iterable(shuffled_and_grouped(stream_samples(urls, stats, cfg.stream_timeout))
+                                             for urls in passes)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -382,7 +304,7 @@ def make_train_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callab
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if cfg.workers < 0:
         raise ValueError(f"workers must be >= 0, got {cfg.workers}")
-    sources = parse_sources(cfg.train, cfg.weights)
+    sources = parse_sources(cfg.train, cfg.weights, timeout=cfg.stream_timeout)
     if cfg.weights is not None and not cfg.resampled:
         raise ValueError("per-source weights need resampled=True (epoch mode reads every shard once)")
     shards = [s for src in sources for s in src.shards]
@@ -398,9 +320,9 @@ def make_train_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callab
         for src in missing:
             check_shards(src.spec, src.shards, every=True)  # missing or invalid files, named, before sizes.json
         if missing:
-            raise ValueError(f"epoch length unknown: no sizes.json listing every shard of {[s.spec for s in missing]}; "
-                             f"set num_samples (data.num_samples in a train config), or write sizes.json next to the "
-                             f"shards (mmrl shard check FOLDER)")
+            raise ValueError(f"epoch length unknown: no sizes.json listing every shard of {[s.spec for s in missing]} "
+                             f"({missing[0].sizes_note}); set num_samples (data.num_samples in a train config), or "
+                             f"write sizes.json next to the shards (mmrl shard check FOLDER)")
         dataset_size = sum(sum(src.sizes) for src in sources)
     num_batches, num_samples = epoch_sizing(dataset_size, cfg.batch_size, world_size, cfg.workers, cfg.round_up)
     start = int(start_step) if start_step else int(epoch) * num_batches

@@ -48,8 +48,9 @@ import random
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 
-from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, tar_file_expander
 
+from .remote import DEFAULT_TIMEOUT, open_shard
 from .shard_files import shard_problem
 
 __all__ = [
@@ -64,11 +65,12 @@ _LOGGED_SHARD_ERRORS = 3  # per worker; the rest are counted
 
 
 def _short_error(exn: BaseException) -> str:
-    """``Type: first line`` of an exception (webdataset appends the shard URL to its arguments)."""
+    """``Type: first line`` of an exception (webdataset appends the shard URL to its arguments, and
+    `` @ <the stream>`` to the first of them)."""
     if isinstance(exn, OSError) and exn.strerror:
         text = exn.strerror
     else:
-        text = str(exn.args[0]) if getattr(exn, "args", None) else str(exn)
+        text = str(exn.args[0]).split(" @ ")[0] if getattr(exn, "args", None) else str(exn)
     return f"{type(exn).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}".rstrip(": ")
 
 
@@ -186,32 +188,39 @@ class ShardErrorHandler:
 
     def __init__(self, stats: StreamStats, url: str):
         self.stats, self.url, self.failed = stats, url, False
+        self.stream = None  # the opened shard: a remote stream's ``failure`` is the cause of what tarfile sees
 
     def __call__(self, exn: BaseException) -> bool:
         if not self.failed:
-            self.stats.shard_error(self.url, exn)
+            self.stats.shard_error(self.url, getattr(self.stream, "failure", None) or exn)
         self.failed = True
         return True
 
 
-def _kept(sources: Iterable[dict], into: list[dict]) -> Iterator[dict]:
-    """``sources`` (webdataset's ``{"url", "stream"}`` dicts), each also appended to ``into``."""
-    for source in sources:
-        into.append(source)
-        yield source
+def _opened(url: str, timeout: float, handler: ShardErrorHandler, into: list[dict]) -> Iterator[dict]:
+    """Shard ``url`` opened (:func:`mmrl.data.remote.open_shard`) as webdataset's ``{"url", "stream"}``
+    dict, also appended to ``into``; nothing when it cannot be opened (the error goes to ``handler``)."""
+    try:
+        source = {"url": url, "stream": open_shard(url, timeout)}
+    except Exception as exn:  # any opening failure makes the shard bad, never the stream
+        handler(exn)
+        return
+    into.append(source)
+    handler.stream = source["stream"]
+    yield source
 
 
-def shard_samples(url: str, stats: StreamStats) -> Iterator[dict]:
+def shard_samples(url: str, stats: StreamStats, timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict]:
     """Raw samples of one tar: ``{"__key__", "__url__", "<ext>": bytes, ...}``.
 
     Files are grouped by key (everything before the first dot of the basename, webdataset's
     ``base_plus_ext``); a repeated extension under the same key starts a new sample (as
-    open_clip tolerates). Errors are counted, never raised.
+    open_clip tolerates). Errors are counted, never raised; a remote shard's read that waits
+    ``timeout`` seconds for data is one (:mod:`mmrl.data.remote`).
     """
     handler = ShardErrorHandler(stats, url)
     opened: list[dict] = []  # webdataset never closes the file it opens: closed below
-    files = tar_file_expander(_kept(url_opener([{"url": url}], handler=handler), opened), handler=handler,
-                              eof_value=None)
+    files = tar_file_expander(_opened(url, timeout, handler, opened), handler=handler, eof_value=None)
     n = 0
     current: dict | None = None
     try:
@@ -234,6 +243,9 @@ def shard_samples(url: str, stats: StreamStats) -> Iterator[dict]:
         for source in opened:
             with contextlib.suppress(Exception):  # a pipe: URL's exit status after an early stop is no error
                 source["stream"].close()
+    failure = getattr(handler.stream, "failure", None)
+    if failure is not None:  # a remote stream that ended early where tarfile saw a clean end
+        handler(failure)
     # account for the shard before handing out its last sample: a consumer that stops right
     # after it (the worker's last batch) must not lose the shard's error count
     stats.shard_done(url, n + (current is not None), handler.failed)
@@ -241,10 +253,10 @@ def shard_samples(url: str, stats: StreamStats) -> Iterator[dict]:
         yield current
 
 
-def stream_samples(urls: Iterable[str], stats: StreamStats) -> Iterator[dict]:
-    """Raw samples of a sequence of shards, in order."""
+def stream_samples(urls: Iterable[str], stats: StreamStats, timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict]:
+    """Raw samples of a sequence of shards, in order (``timeout``: :func:`shard_samples`)."""
     for url in urls:
-        yield from shard_samples(url, stats)
+        yield from shard_samples(url, stats, timeout)
 
 
 def epoch_passes(shards: Sequence[str], *, seed: int, epoch: int, rank: int, world_size: int,

@@ -22,6 +22,8 @@ class DataConfig:
     num_samples: int | None = None    # samples per epoch; default from sizes.json
     shuffle_buffer: int = 2000           # sample shuffle buffer (epoch mode)
     max_bad_samples: int = 1000          # consecutive bad samples before failing fast
+    stream_timeout_s: float = 60.0       # remote shards (http(s)://, s3://, pipe:): a read that waits this long
+                                         # for data fails its shard (counted in bad_shards), never a hang
     multi_caption: bool = False          # draw one of the sample's json "captions" per use instead of its txt
     group_key: str | None = None      # JSON field naming a sample's group (e.g. "concept"): samples of
                                          # one group are each other's positives (mmrl.train.group_loss)
@@ -191,6 +193,8 @@ class TrainConfig:
             raise bad("image_loss_temperature", "a positive float", self.image_loss_temperature)
         if self.data.group_key and self.loss != "clip":
             raise ConfigError(f"config key 'data.group_key': grouped training needs loss=clip, not {self.loss!r}")
+        if not 0 < self.data.stream_timeout_s < float("inf"):
+            raise bad("data.stream_timeout_s", "a positive number of seconds", self.data.stream_timeout_s)
         if self.data.num_samples is not None and self.data.num_samples < 1:
             raise bad("data.num_samples", "an integer >= 1 or null", self.data.num_samples)
         if self.data.synthetic:  # no shards: data.train and data.weights are not read

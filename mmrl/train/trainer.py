@@ -72,6 +72,7 @@ def _loader_config(cfg: TrainConfig) -> LoaderConfig:
         num_samples=cfg.data.num_samples, workers=cfg.workers, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         max_consecutive_bad_samples=cfg.data.max_bad_samples, multi_caption=cfg.data.multi_caption,
         group_key=cfg.data.group_key, group_size=cfg.data.group_size, group_shared_aug=cfg.data.group_shared_aug,
+        stream_timeout=cfg.data.stream_timeout_s,
     )
 
 
