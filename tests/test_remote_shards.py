@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import signal
+import subprocess
 import sys
 import tarfile
 import threading
@@ -55,6 +56,7 @@ class ShardHandler(http.server.SimpleHTTPRequestHandler):
     holds the connection open without sending more."""
 
     def do_GET(self):
+        self.server.requests.append(self.path)
         name = self.path.lstrip("/")
         limit = self.server.cut.get(name, self.server.stall.get(name))
         if limit is None:
@@ -80,7 +82,7 @@ def serve():
 
     def start(folder):
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(ShardHandler, directory=str(folder)))
-        server.cut, server.stall, server.release = {}, {}, threading.Event()
+        server.cut, server.stall, server.release, server.requests = {}, {}, threading.Event(), []
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         thread.start()
         started.append((server, thread))
@@ -313,9 +315,9 @@ def test_stream_timeout_is_validated():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_mmrl_train_on_http_shards(tmp_path, serve):
-    import subprocess
+    (tmp_path / "data").mkdir()
     shape_shards(tmp_path / "data", 64, 16)
-    _, base = serve(tmp_path / "data" / "shards")
+    server, base = serve(tmp_path / "data" / "shards")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mmrl", "train", TINY, f"data.train={base}/{{00000..00003}}.tar", "batch_size=8",
            "workers=1", "max_steps=3", "warmup_steps=1", "log_every=1", "data.stream_timeout_s=20",
@@ -323,6 +325,7 @@ def test_mmrl_train_on_http_shards(tmp_path, serve):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env(), cwd=ROOT)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert [r["step"] for r in read_log(out) if "loss" in r][-1] == 3
+    assert "/sizes.json" in server.requests and {f"/{i:05d}.tar" for i in range(4)} & set(server.requests)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3 and summary["skipped"]["bad_shards"] == 0 and summary["skipped_samples"] == 0
 
