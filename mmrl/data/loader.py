@@ -304,6 +304,8 @@ def make_train_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callab
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if cfg.workers < 0:
         raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+    if not 0 < cfg.stream_timeout < float("inf"):
+        raise ValueError(f"stream_timeout must be a positive number of seconds, got {cfg.stream_timeout}")
     sources = parse_sources(cfg.train, cfg.weights, timeout=cfg.stream_timeout)
     if cfg.weights is not None and not cfg.resampled:
         raise ValueError("per-source weights need resampled=True (epoch mode reads every shard once)")
