@@ -97,7 +97,8 @@ class PeriodicEval:
         self.fixed = None
         if self.ecfg.val_data:
             self.fixed = FixedSet(val_shards(self.ecfg.val_data), self.ecfg.val_samples, self.ecfg.val_batch_size,
-                                  preprocess, tokenizer, info.rank, info.world_size)
+                                  preprocess, tokenizer, info.rank, info.world_size,
+                                  timeout=cfg.data.stream_timeout_s)
         self.loss_fn = make_loss(cfg.loss, local_loss=True, gather_with_grad=False, rank=0, world_size=1)
         self.copy: torch.nn.Module | None = None  # the suite's model, main rank only, made at the first suite run
         self.last_step: int | None = None

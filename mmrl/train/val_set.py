@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..data.batching import IMAGE_KEYS, decode_image, json_captions, sample_caption
 from ..data.loader import parse_sources
+from ..data.remote import DEFAULT_TIMEOUT
 from ..data.wds_stages import StreamStats, stream_samples
 
 __all__ = ["ValBatch", "FixedSet", "val_shards", "sample_text", "val_metrics"]
@@ -57,8 +58,9 @@ class FixedSet:
     samples the set had (fewer than ``num_samples`` when the shards hold fewer), known after iterating."""
 
     def __init__(self, shards: list[str], num_samples: int, batch_size: int, preprocess: Callable,
-                 tokenizer: Callable, rank: int = 0, world_size: int = 1):
+                 tokenizer: Callable, rank: int = 0, world_size: int = 1, timeout: float = DEFAULT_TIMEOUT):
         self.shards, self.num_samples, self.batch_size = shards, num_samples, batch_size
+        self.timeout = timeout  # seconds without data before a remote shard counts as broken (data.stream_timeout_s)
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.rank, self.world_size = rank, world_size
         self.size = 0
@@ -69,7 +71,7 @@ class FixedSet:
     def __iter__(self) -> Iterator[ValBatch]:
         stats = StreamStats(max_consecutive_bad_samples=1 << 30, max_consecutive_bad_shards=len(self.shards) + 1)
         count, current, images, texts, skipped = 0, None, [], [], 0
-        for sample in stream_samples(self.shards, stats):
+        for sample in stream_samples(self.shards, stats, self.timeout):
             if count >= self.num_samples:
                 break
             key = next((k for k in IMAGE_KEYS if k in sample), None)
