@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["dependence_table", "exponent_sentences", "render_analysis"]
+__all__ = ["dependence_table", "exponent_sentences", "render_analysis", "own_row"]
+
+
+def own_row(analysis: dict[str, Any]) -> str:
+    """The dependence row of the model's own pooling (``cgem`` for a cgem model, ``ggem`` for a ggem one ...)."""
+    own, dep = analysis["model"]["pool"], analysis["dependence"]
+    return own if own in dep else next(k for k in dep if k.startswith(f"{own} "))
 
 
 def dependence_table(dependence: dict[str, dict[str, Any]]) -> list[str]:
@@ -36,15 +42,12 @@ def exponent_sentences(exponents: dict[str, Any]) -> list[str]:
 def _dependence_sentences(analysis: dict[str, Any]) -> list[str]:
     dep = analysis["dependence"]
     n = analysis["data"]["images"]
-    own = analysis["model"]["pool"]
-    own_row = own if own in dep else next((k for k in dep if k.startswith(own)), None)
     out = []
     for key, label in (("hsic_offdiag_mean", "HSIC"), ("cka_offdiag_mean", "linear CKA")):
         ranked = sorted(dep, key=lambda k: dep[k][key])
         out.append(f"By {label} the least dependent groups are {ranked[0]}'s ({dep[ranked[0]][key]:.4g}), the most "
                    f"dependent {ranked[-1]}'s ({dep[ranked[-1]][key]:.4g}).")
-    if own_row is not None and "ggem" in dep and own_row != "ggem":
-        out.append(f"The model's own pooling is `{own_row}`.")
+    out.append(f"The model's own pooling is `{own_row(analysis)}`; the other rows pool its tokens otherwise.")
     out.append(f"These are estimates from {n} images of one model on its own tokens: they describe this model and "
                "these images, with no error bar; whether a pooling lowers dependence in general needs several "
                "trained models (the pooling study's seeds).")

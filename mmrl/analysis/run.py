@@ -24,7 +24,7 @@ def write_analysis(analysis: dict[str, Any], arrays: dict[str, Any], out: Path) 
              "maps": plot_activation_maps(arrays, out / "activation_maps.png"),
              "amplification": plot_amplification(analysis["amplification"], out / "amplification.png")}
     rel = {k: os.path.relpath(v, out) for k, v in files.items()}
-    analysis = dict(analysis, plots=rel)
+    analysis["plots"] = rel
     files["json"] = atomic_write_text(out / "analysis.json", json.dumps(analysis, indent=1) + "\n")
     files["markdown"] = atomic_write_text(out / "analysis.md", render_analysis(analysis, rel))
     return files
