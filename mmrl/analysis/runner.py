@@ -150,7 +150,8 @@ def _batches(source: ImageSource, preprocess, batch_size: int):
 def analyze_model(model: nn.Module, preprocess, source: ImageSource, *, pool_kind: str | None = None,
                   batch_size: int = 64, maps: int = 4, device: str = "cpu",
                   log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(analysis, arrays)``: the JSON-ready analysis and what the plots need (images, token maps)."""
+    """``(analysis, arrays)``: the JSON-ready analysis, and what the plots need (images, token maps) with the
+    pooled features of every pool kind (``arrays["features"]``)."""
     t0 = time.perf_counter()
     visual = getattr(model, "visual", model)
     if not hasattr(visual, "pooler"):
@@ -204,9 +205,8 @@ def analyze_model(model: nn.Module, preprocess, source: ImageSource, *, pool_kin
     if count < 4:
         raise ValueError(f"{source.spec}: {count} readable images; the dependence estimators need at least 4")
     t_collect = time.perf_counter() - t0
-    dependence = {}
-    for kind in fns:
-        dependence[kind] = _dependence(torch.cat(feats[kind]), covs[kind], heads)
+    arrays["features"] = {kind: torch.cat(feats[kind]) for kind in fns}  # [n, C] per pool kind, float64
+    dependence = {kind: _dependence(arrays["features"][kind], covs[kind], heads) for kind in fns}
     ratio = ratio_sum / count
     order = torch.argsort(ratio, descending=True)
     per_group = [{"group": g, "p": None if ref["model"] is None else float(ref["model"][g]),
