@@ -324,3 +324,33 @@ def test_study_dependence_table_and_verdict():
                                   "avg": [_fake_analysis("avg", 0.5, 0.9)]})
     assert "not lower than avg's" in "\n".join(dependence_lines(one_seed))  # one seed: no spread, no claim
     assert "No trained model was analysed" in dependence_lines({"hsic_offdiag_mean": {}, "cka_offdiag_mean": {}})[0]
+
+
+# --- the demo report's section ----------------------------------------------------------------
+
+def test_demo_report_section_from_a_saved_model(tiny_models, tmp_path, one_thread):
+    import os
+
+    import mmrl
+    from mmrl.demo.report import analysis_lines
+    from mmrl.demo.run import HELDOUT_IMAGES, analyze_for_report
+
+    model, _ = tiny_models
+    saved = mmrl.save_model(model, tmp_path / "model")
+    logged = []
+    assert analyze_for_report(saved, tmp_path / "data", tmp_path / "analysis", logged.append) is None
+    assert "analysis skipped" in logged[-1] and "mmrl prepare emoji" in logged[-1]
+    assert "Not analysed" in analysis_lines(None, str)[0]
+    _images(tmp_path / "data" / HELDOUT_IMAGES, n=6, corrupt=False)
+    analysis = analyze_for_report(saved, tmp_path / "data", tmp_path / "run" / "analysis", logged.append)
+    assert analysis["data"]["images"] == 6 and analysis["model"]["pool"] == "ggem"
+    assert analysis["exponents"]["p"] == pytest.approx(torch.linspace(1.2, 5.0, 6).tolist(), rel=1e-6)
+    report = tmp_path / "run"
+    lines = analysis_lines(analysis, lambda p: os.path.relpath(p, report))
+    text = "\n".join(lines)
+    for kind in ("tok", "avg", "gem", "ggem"):
+        row = analysis["dependence"][kind]
+        assert f"| {kind} | {row['hsic_offdiag_mean']:.4f} | {row['cka_offdiag_mean']:.3f} |" in text
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert len(links) == 5 and all((report / link).is_file() for link in links), links
+    assert "(analysis/activation_maps.png)" in text and "from 1.200 to 5.000" in text
