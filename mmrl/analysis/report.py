@@ -48,6 +48,9 @@ def _dependence_sentences(analysis: dict[str, Any]) -> list[str]:
         out.append(f"By {label} the least dependent groups are {ranked[0]}'s ({dep[ranked[0]][key]:.4g}), the most "
                    f"dependent {ranked[-1]}'s ({dep[ranked[-1]][key]:.4g}).")
     out.append(f"The model's own pooling is `{own_row(analysis)}`; the other rows pool its tokens otherwise.")
+    ggem_p = analysis["exponents"]["compared_with"]["ggem"]
+    if max(ggem_p) - min(ggem_p) < 1e-6:
+        out.append("All group exponents are equal, so the `gem` and `ggem` rows pool alike.")
     out.append(f"These are estimates from {n} images of one model on its own tokens: they describe this model and "
                "these images, with no error bar; whether a pooling lowers dependence in general needs several "
                "trained models (the pooling study's seeds).")

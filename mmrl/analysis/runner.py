@@ -32,8 +32,8 @@ from .estimators import (
     block_cka,
     gaussian_gram,
     hsic_unbiased_gram,
-    linear_cka,
     off_diagonal_mean,
+    u_centre,
 )
 from .images import ImageSource
 from .token_weights import token_shares
@@ -120,13 +120,15 @@ def _dependence(features: torch.Tensor, cov: CovarianceAccumulator, heads: int) 
     n, c = features.shape
     groups = features.double().reshape(n, heads, c // heads)
     grams = [gaussian_gram(groups[:, g]) for g in range(heads)]
+    ucentred = [u_centre(groups[:, g] @ groups[:, g].T) for g in range(heads)]  # debiased linear CKA's
+    norms = [float((u * u).sum().sqrt()) for u in ucentred]
     hsic = torch.zeros(heads, heads, dtype=torch.float64)
     debiased = torch.eye(heads, dtype=torch.float64)
     for g in range(heads):
         for h in range(g, heads):
             hsic[g, h] = hsic[h, g] = hsic_unbiased_gram(grams[g], grams[h])
-            if h > g:
-                debiased[g, h] = debiased[h, g] = linear_cka(groups[:, g], groups[:, h], debiased=True)
+            if h > g and norms[g] * norms[h] > 0:
+                debiased[g, h] = debiased[h, g] = float((ucentred[g] * ucentred[h]).sum()) / (norms[g] * norms[h])
     cka = block_cka(cov.centred(), heads)
     return {"hsic": hsic.tolist(), "cka": cka.tolist(), "cka_debiased": debiased.tolist(),
             "hsic_offdiag_mean": off_diagonal_mean(hsic), "cka_offdiag_mean": off_diagonal_mean(cka),
