@@ -58,6 +58,11 @@ def test_demo_end_to_end_and_reuse(tmp_path, corpora, emoji, tuxpaint, fashion, 
         png = out / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"(plots/{name})" in report
+    # the trained model's `mmrl analyze` on the held-out Twemoji images: its plots and dependence table
+    inside = report.split("## Inside the pooling\n")[1].split("## Files\n")[0]
+    for name in ("exponents", "dependence", "activation_maps", "amplification"):
+        assert f"(analysis/{name}.png)" in inside and (out / "analysis" / f"{name}.png").is_file()
+    assert all(f"| {kind} | " in inside for kind in ("tok", "avg", "gem", "ggem"))
     # every suite entry ran for the trained and untrained models; raw pixels skip text tasks only;
     # pretrained-init leaves out the tasks of its baseline_exclude (zero-shot, linear probe)
     suite = yaml.safe_load((REPO / "eval" / "suites" / "demo.yaml").read_text())

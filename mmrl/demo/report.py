@@ -13,7 +13,8 @@ from .results import fmt_metric
 
 __all__ = ["SECTIONS", "render_report"]
 
-SECTIONS = ("## Summary", "## Data", "## Training", "## Results", "## Quality floor", "## Files", "## Timings")
+SECTIONS = ("## Summary", "## Data", "## Training", "## Results", "## Quality floor", "## Inside the pooling",
+            "## Files", "## Timings")
 
 
 def _title(task: str) -> str:
@@ -130,7 +131,7 @@ def _fmt_seconds(s: float) -> str:
 def render_report(*, cfg, tcfg, description, suite, summary: dict, records: list[dict], manifests: dict[str, dict],
                   entries: dict[str, list[EntryResult]], checks: list[FloorCheck], plots: dict[str, Path],
                   timings: dict[str, float], out: Path, files: list[Path], train_reused: bool,
-                  measured: dict[str, float] | None = None) -> str:
+                  measured: dict[str, float] | None = None, analysis: dict | None = None) -> str:
     """The report's markdown (every section of :data:`SECTIONS`, in order)."""
     labels = ["trained"] + [b for b in cfg.baselines if b in entries]
     floor_labels = [b for b in labels[1:] if b in cfg.floor_baselines]
@@ -201,6 +202,7 @@ def render_report(*, cfg, tcfg, description, suite, summary: dict, records: list
                  else "."), ""]
     lines += _floor_table(checks, beside) if checks else ["No floor set was evaluated."]
     lines += _fit_table(labels, entries)
+    lines += ["", "## Inside the pooling", ""] + analysis_lines(analysis, rel)
     # files
     lines += ["", "## Files", ""]
     lines += [f"- `{rel(p)}`" for p in files]
@@ -212,6 +214,25 @@ def render_report(*, cfg, tcfg, description, suite, summary: dict, records: list
                   "| phase | wall time |", "|---|---|"]
         lines += [f"| {k} | {_fmt_seconds(v)} |" for k, v in measured.items()]
     return "\n".join(lines) + "\n"
+
+
+def analysis_lines(analysis: dict | None, rel) -> list[str]:
+    """The trained model's ``mmrl analyze`` (exponents, dependence per pool kind, maps), ``rel``: path -> link."""
+    if analysis is None:
+        return ["Not analysed: the held-out Twemoji images were not prepared (`mmrl prepare emoji`)."]
+    from ..analysis.report import dependence_table, exponent_sentences
+
+    files = {k: rel(Path(v)) for k, v in analysis["files"].items()}
+    folder = Path(analysis["files"]["markdown"]).parent
+    plot = lambda name: rel(folder / analysis["plots"][name])  # noqa: E731 - links relative to the report
+    return [f"`mmrl analyze` of the trained model on {analysis['data']['images']} held-out Twemoji images "
+            f"({analysis['seconds']['total']:.1f} s; details in [{files['markdown']}]({files['markdown']})).", "",
+            *exponent_sentences(analysis["exponents"]), "",
+            f"Dependence between the {analysis['model']['heads']} head-aligned channel groups of the pooled features, "
+            "each pooling applied to the trained model's tokens (mean off-diagonal value; lower: less dependent):", "",
+            *dependence_table(analysis["dependence"]), "",
+            f"![exponents]({plot('exponents')})", "", f"![dependence]({plot('dependence')})", "",
+            f"![activation maps]({plot('maps')})", "", f"![channel amplification]({plot('amplification')})"]
 
 
 def _grouping_lines(tcfg, last: dict) -> list[str]:

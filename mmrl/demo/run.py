@@ -26,7 +26,9 @@ from .steps import (
     train_shards,
 )
 
-__all__ = ["run_demo", "DemoOutcome"]
+__all__ = ["run_demo", "DemoOutcome", "analyze_for_report", "HELDOUT_IMAGES"]
+
+HELDOUT_IMAGES = "emoji/heldout/twemoji/images"  # the images `mmrl analyze` looks at (under the data root)
 
 
 class DemoOutcome(dict):
@@ -35,6 +37,19 @@ class DemoOutcome(dict):
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
+
+
+def analyze_for_report(model: Path, root: Path, out: Path, log: Callable[[str], None]) -> dict | None:
+    """``mmrl analyze`` of ``model`` on the held-out Twemoji images into ``out`` (None when they are absent)."""
+    from ..analysis import run_analysis
+
+    images = root / HELDOUT_IMAGES
+    if not images.is_dir():
+        log(f"analysis skipped: no held-out images in {images} (mmrl prepare emoji --root {root})")
+        return None
+    result = run_analysis(str(model), str(images), out, max_images=1000, log=lambda m: None)
+    log(f"analysis of {model}: {out / 'analysis.md'} ({result['seconds']:.1f} s)")
+    return dict(result["analysis"], files={k: str(v) for k, v in result["files"].items()})
 
 
 def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None] = _log) -> DemoOutcome:
@@ -93,6 +108,11 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
         if not done_alongside:
             timings[f"evaluate {label}"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    analysis = analyze_for_report(Path(models["trained"]), root, out / "analysis", log)
+    if analysis is not None:
+        timings["analyze the trained model"] = time.perf_counter() - t0
+
     floor = {k: v for k, v in entries.items() if k in cfg.floor_baselines}
     beside = {k: v for k, v in entries.items() if k != "trained" and k not in floor}
     checks = floor_checks(entries["trained"], floor, cfg.floor_margin, beside=beside)
@@ -126,6 +146,8 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
             pass
     files = sorted(p for p in (out / "eval").rglob("*.json") if ".mmrl" not in p.parts)
     files += sorted(plots.values()) + [out / "train" / "model"]
+    if analysis is not None:
+        files += [Path(analysis["files"][k]) for k in ("markdown", "json")]
     result = {
         "passed": all(c.passed for c in checks) and bool(checks),
         "checks": [dict(task=c.task, name=c.name, metric=c.metric, trained=c.trained, baselines=c.baselines,
@@ -141,7 +163,7 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None]
                          summary=summary, records=records,
                          manifests=manifests, entries=entries,
                          checks=checks, plots=plots, timings=timings, measured=measured, out=out, files=files,
-                         train_reused=reused_run)
+                         train_reused=reused_run, analysis=analysis)
     report = atomic_write_text(out / "report.md", text)
     log(f"report: {report} ({'quality floor met' if result['passed'] else 'quality floor NOT met'}; "
         f"{timings['total'] / 60:.1f} min)")

@@ -21,9 +21,10 @@ from ..evaluation.table import build_table, collect, mean_std
 from ..fileio import atomic_write_text
 from .config import DemoConfig
 from .plots import plot_study
+from .run import analyze_for_report
 from .steps import evaluate, prepare_corpora, run_training, train_shards
 
-__all__ = ["run_study", "Stat", "compare_pools", "verdict_sentences"]
+__all__ = ["run_study", "Stat", "compare_pools", "verdict_sentences", "dependence_values", "dependence_lines"]
 
 _BASELINE_POOLS = ("tok", "avg", "gem")
 
@@ -104,6 +105,58 @@ def verdict_sentences(stats: dict[str, dict[str, Stat]], focus: str = "ggem") ->
     return summary + [""] + out
 
 
+_ESTIMATORS = (("hsic_offdiag_mean", "HSIC"), ("cka_offdiag_mean", "linear CKA"))
+
+
+def dependence_values(analyses: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """pool -> each seed's ``mmrl analyze`` result => estimator -> pool -> per-seed mean off-diagonal
+    dependence of the model's own pooling (the trained model's groups as it pools them)."""
+    from ..analysis.report import own_row
+
+    out: dict[str, dict[str, list[float]]] = {key: {} for key, _ in _ESTIMATORS}
+    for pool, runs in analyses.items():
+        for analysis in runs:
+            row = analysis["dependence"][own_row(analysis)]
+            for key, _ in _ESTIMATORS:
+                out[key].setdefault(pool, []).append(float(row[key]))
+    return out
+
+
+def dependence_lines(values: dict[str, dict[str, list[float]]], focus: str = "ggem") -> list[str]:
+    """The table (mean ± std over seeds per pooling and estimator) and, per estimator, whether ``focus``'s
+    dependence is lower than every other pooling's beyond the seed spread."""
+    stats = compare_pools(values)
+    pools = list(dict.fromkeys(p for per in stats.values() for p in per))
+    if not pools:
+        return ["No trained model was analysed (the held-out Twemoji images were not prepared)."]
+    lines = ["| pooling | " + " | ".join(f"{label} (mean ± std)" for _, label in _ESTIMATORS) + " | seeds |",
+             "|---|" + "---|" * len(_ESTIMATORS) + "---|"]
+    for pool in pools:
+        cells = [f"{stats[k][pool].mean:.4f} ± {stats[k][pool].std:.4f}" if pool in stats[k] else "–"
+                 for k, _ in _ESTIMATORS]
+        n = max(stats[k][pool].n for k, _ in _ESTIMATORS if pool in stats[k])
+        lines.append(f"| {pool} | " + " | ".join(cells) + f" | {n} |")
+    lines.append("")
+    for key, label in _ESTIMATORS:
+        per = stats[key]
+        others = [p for p in per if p != focus]
+        if focus not in per or not others:
+            lines.append(f"- {label}: {focus} and at least one other pooling are needed to compare.")
+            continue
+        f = per[focus]
+        lower = [p for p in others if f.mean < per[p].mean and separated(f, per[p])]
+        not_lower = [p for p in others if p not in lower]
+        if not not_lower:
+            lines.append(f"- {label}: {focus}'s head-wise dependence ({f.mean:.4f} ± {f.std:.4f}) is lower than every "
+                         f"other pooling's ({', '.join(others)}) beyond the seed spread: the paper's claim holds here.")
+        else:
+            lines.append(f"- {label}: {focus}'s head-wise dependence ({f.mean:.4f} ± {f.std:.4f}) is not lower than "
+                         f"{', '.join(not_lower)}'s beyond the seed spread"
+                         + (f" (it is lower than {', '.join(lower)}'s)" if lower else "")
+                         + ": the paper's claim is not confirmed at this scale.")
+    return lines
+
+
 def _headline_values(entries: list[EntryResult]) -> dict[str, float]:
     """One number per evaluated entry (its headline metric), keyed by a readable label."""
     out = {}
@@ -151,6 +204,7 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     runs: list[tuple[str, int, Path]] = []
     headlines: dict[str, dict[str, float]] = {}  # run -> headline metric -> value
     seconds: dict[str, float] = {}
+    analyses: dict[str, list[dict]] = {}  # pool -> each seed's `mmrl analyze` of its trained model
     total = len(cfg.study.pools) * len(cfg.study.seeds)
     try:
         previous = json.loads((out / "study.json").read_text(encoding="utf-8")).get("seconds", {})
@@ -174,6 +228,9 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
             seconds[name] = previous.get(name, time.perf_counter() - t0) if reused else time.perf_counter() - t0
             runs.append((pool, seed, out / "eval" / name))
             headlines[name] = _headline_values(entries)
+            analysis = analyze_for_report(out / name / "train" / "model", root, out / name / "analysis", log)
+            if analysis is not None:
+                analyses.setdefault(pool, []).append(analysis)
     # one table, exactly what `mmrl eval table runs/study/eval/*` prints
     columns = collect([str(d) for _, _, d in runs])
     table = build_table(columns)
@@ -200,7 +257,11 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
              "## Verdict", ""] + sentences + [
              "", "Intervals are mean ± one sample standard deviation over seeds; \"beyond the seed spread\" means "
              "the two intervals do not overlap.", "",
-             "## Headline metrics", "", "![pooling study](study.png)", "",
+             "## Head-wise dependence", "",
+             "Mean off-diagonal dependence between the head-aligned channel groups of each trained model's own "
+             "pooled features (`mmrl analyze` on the held-out Twemoji images), over seeds:", ""]
+    lines += dependence_lines(dependence_values(analyses)) + [
+             "", "## Headline metrics", "", "![pooling study](study.png)", "",
              "## Every metric (`mmrl eval table " + " ".join(str(d) for _, _, d in runs) + "`)", "", table,
              "## Runtime", "",
              f"{len(runs)} runs took {sum(per_run) / 60:.1f} min of training and evaluation (median "
@@ -209,7 +270,8 @@ def run_study(cfg: DemoConfig, *, force: bool = False, log: Callable[[str], None
     atomic_write_text(out / "study.md", "\n".join(lines))
     result = {"runs": [f"{p}-seed{s}" for p, s, _ in runs], "seconds": seconds, "runtime_s": runtime,
               "stats": {m: {p: vars(s) for p, s in per.items()} for m, per in stats.items()},
-              "verdict": sentences, "table": str(out / "table.md"), "plot": str(plot)}
+              "verdict": sentences, "dependence": dependence_values(analyses), "table": str(out / "table.md"),
+              "plot": str(plot)}
     atomic_write_text(out / "study.json", json.dumps(result, indent=1) + "\n")
     log(f"study: {out / 'study.md'} ({runtime / 60:.1f} min)")
     return result
