@@ -8,29 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import ROOT, TINY, env, error_lines, read_log, run
-from torch.overrides import TorchFunctionMode
 
 import mmrl
+from helpers.op_dtypes import OpDtypes
 from mmrl.config import ConfigError
 from mmrl.layers import GGeM, ggem_reference
 from mmrl.train.precision import check_precision
 
 MODEL = "mmrl-vit-tiny-p8-64"
-
-
-class _OpDtypes(TorchFunctionMode):
-    """Records the dtypes of the tensors each torch function is called with."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: dict[str, set] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", str(func))
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        self.seen.setdefault(name, set()).update(t.dtype for t in tensors)
-        return func(*args, **kwargs)
 
 
 def _tower_tokens_and_pool(model, images):
@@ -69,7 +54,7 @@ def test_ggem_pools_in_fp32_inside_bf16_autocast(one_thread):
         missed = (in_bf16.double() != rounded).float().mean().item()
         assert missed > 0.1, missed  # measured 0.18 (the fused fp32 pool: 0)
         # and the ops inside the pooler see float32 tensors only, though autocast is on
-        mode = _OpDtypes()
+        mode = OpDtypes()
         with torch.autocast("cpu", dtype=torch.bfloat16), mode:
             model.visual.pooler(tokens)
     for op in ("log2", "exp2", "amax", "mean", "addcmul"):
