@@ -111,8 +111,10 @@ def test_compiled_image_tower_equals_eager(device):
     eager_out, eager_grads = run(visual)
     compiled = torch.compile(visual, backend="inductor" if device == "cuda" else "aot_eager")
     out, grads = run(compiled)
-    torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-5 * float(eager_out.abs().max()))
+    # CUDA: inductor's fused kernels and attention pick other reduction orders than eager's: 10x CPU's noise
+    rtol, rel_atol = (1e-3, 1e-4) if device == "cuda" else (1e-4, 1e-5)
+    torch.testing.assert_close(out, eager_out, rtol=rtol, atol=rel_atol * float(eager_out.abs().max()))
     assert grads.keys() == eager_grads.keys() and "pooler.p" in grads
     for name, grad in grads.items():
         scale = float(eager_grads[name].abs().max())
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=max(1e-6, 1e-5 * scale), msg=name)
+        torch.testing.assert_close(grad, eager_grads[name], rtol=rtol, atol=max(1e-6, rel_atol * scale), msg=name)
