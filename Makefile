@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # reinstall only when the dependency list changes
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install test test-fast lint bench demo study clean
+.PHONY: install test test-fast lint bench gpu-check demo study clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ lint: install
 
 bench: install
 	for b in pooling loader train eval text_cache; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+
+# on one CUDA GPU, under 8 minutes: the gpu tests, mmrl train vs open_clip's trainer (ViT-B/16 GGeM, bf16),
+# MFU, peak memory, GGeM vs average pooling; one JSON line last (without CUDA: one line, skipped, exit 0)
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 # the main job: prepare the real corpora (data/), train, evaluate, write runs/demo/report.md
 demo: install

@@ -40,10 +40,21 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "mmrl-vit-tiny-p8-64"
 BATCH = 64
+# open_clip's trainer, with mmrl's architectures registered; argv[1] a pool kind makes its model
+# builder mmrl's (the same tower, that pool), "-" leaves open_clip's own builder
 OPEN_CLIP_LAUNCHER = (
     "import sys, mmrl  # registers mmrl's architectures with open_clip\n"
-    "from open_clip_train.main import main\n"
-    "main(sys.argv[1:])\n"
+    "import open_clip_train.main as oc\n"
+    "pool = sys.argv.pop(1)\n"
+    "def build(name, pretrained=None, precision='fp32', device='cpu', output_dict=None, aug_cfg=None, **_):\n"
+    "    # amp_*: fp32 weights, the trainer autocasts; bf16 / pure_bf16: the weights cast as open_clip does\n"
+    "    weights = precision if precision in ('bf16', 'fp16', 'pure_bf16', 'pure_fp16') else 'fp32'\n"
+    "    model, train_tf, val_tf = mmrl.create_model_and_transforms(name, pool, precision=weights, device=device)\n"
+    "    model.output_dict = bool(output_dict)\n"
+    "    return model, train_tf, val_tf\n"
+    "if pool != '-':\n"
+    "    oc.create_model_and_transforms = build\n"
+    "oc.main(sys.argv[1:])\n"
 )
 
 
@@ -59,19 +70,24 @@ def peak_matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def step_flops() -> float:
+def step_flops(model_name: str = MODEL, batch: int = BATCH, pool: str = "ggem", device: str = "cpu",
+               count_batch: int | None = None) -> float:
+    """Model FLOPs of one forward+backward at ``batch`` (torch's FlopCounterMode), counted at
+    ``count_batch`` samples (default: all) and scaled linearly (the B x B logits are negligible)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import mmrl
 
-    model = mmrl.create_model(MODEL, pool="ggem")
-    tokenizer = mmrl.get_tokenizer(MODEL)
-    images = torch.randn(BATCH, 3, 64, 64)
-    texts = tokenizer([f"a photo number {i}" for i in range(BATCH)])
+    count_batch = min(batch, count_batch or batch)
+    model = mmrl.create_model(model_name, pool=pool, device=device)
+    tokenizer = mmrl.get_tokenizer(model_name)
+    size = model.visual.image_size
+    images = torch.randn(count_batch, 3, *(size if isinstance(size, (tuple, list)) else (size, size)), device=device)
+    texts = tokenizer([f"a photo number {i}" for i in range(count_batch)]).to(device)
     with FlopCounterMode(display=False) as counter:
         image_f, text_f, scale = model(images, texts)
         (image_f @ text_f.T * scale).logsumexp(1).mean().backward()
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()) * batch / count_batch
 
 
 def build_shards(folder: Path, n: int = 2048) -> str:
@@ -121,23 +137,28 @@ def run_mmrl(shards: str | None, out: Path, steps: int, nproc: int, pool: str, *
     return statistics.median(rates[2:])  # the first windows include start-up (and compilation)
 
 
-def run_open_clip(out: Path, steps: int) -> float:
+def run_open_clip(out: Path, steps: int, model: str = MODEL, batch: int = BATCH, precision: str = "fp32",
+                  pool: str | None = None, workers: int = 1, log_every: int = 5, skip: int = 2,
+                  timeout: float | None = None) -> float:
+    """open_clip's trainer (``open_clip_train.main --dataset-type synthetic``, one process) for ``steps``
+    steps of ``batch``: the median samples/s of its log lines after the first ``skip``. ``pool``: train
+    mmrl's tower with that pool kind through open_clip's trainer (None: open_clip's own model)."""
     launcher = out / "launch_open_clip.py"
     out.mkdir(parents=True, exist_ok=True)
     launcher.write_text(OPEN_CLIP_LAUNCHER)
-    args = [sys.executable, str(launcher), "--model", MODEL, "--batch-size", str(BATCH), "--epochs", "1",
-            "--train-num-samples", str(BATCH * steps), "--workers", "1", "--precision", "fp32", "--lr", "5e-4",
-            "--warmup", "20", "--log-every-n-steps", "5", "--logs", str(out), "--name", "oc", "--save-frequency", "0",
-            "--report-to", "", "--zeroshot-frequency", "0", "--val-frequency", "0", "--local-loss",
-            "--gather-with-grad", "--dataset-type", "synthetic"]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=out)
+    args = [sys.executable, str(launcher), pool or "-", "--model", model, "--batch-size", str(batch), "--epochs", "1",
+            "--train-num-samples", str(batch * steps), "--workers", str(workers), "--precision", precision,
+            "--lr", "5e-4", "--warmup", "20", "--log-every-n-steps", str(log_every), "--logs", str(out),
+            "--name", "oc", "--save-frequency", "0", "--report-to", "", "--zeroshot-frequency", "0",
+            "--val-frequency", "0", "--local-loss", "--gather-with-grad", "--dataset-type", "synthetic"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=out, timeout=timeout)
     text = proc.stdout + proc.stderr + "".join(p.read_text() for p in out.rglob("out.log"))
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s,", text)]
-    if proc.returncode != 0 or len(rates) < 3:
+    if proc.returncode != 0 or len(rates) <= skip:
         errors = [line.strip() for line in text.splitlines() if re.search(r"\w+(Error|Exception)\b", line)]
         reason = errors[-1] if errors else (text.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"open_clip trainer failed (exit {proc.returncode}): {reason}")
-    return statistics.median(rates[2:])
+        raise RuntimeError(f"open_clip trainer failed (exit {proc.returncode}, {len(rates)} log lines): {reason}")
+    return statistics.median(rates[skip:])
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""Shared fixtures, and the ``slow`` marker (``make test-fast`` runs ``-m "not slow"``).
+"""Shared fixtures, the ``slow`` marker (``make test-fast`` runs ``-m "not slow"``) and the ``gpu``
+marker (tests that need CUDA: skipped without it, never deselected; ``benchmarks/gpu_check.py`` runs
+``-m gpu``).
 
 Slow tests are the multi-process ones (training ranks, a killed or signalled child, the demo's
 second process: marked where they are defined, or here by the two-rank fixture they use), the
@@ -19,10 +21,14 @@ PROCESS_FIXTURES = frozenset({"step_results"})  # tests/test_train.py: one step 
 def pytest_configure(config):
     config.addinivalue_line("markers",
                             "slow: multi-process, demo or corpus-preparing test (left out by make test-fast)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one; benchmarks/gpu_check.py)")
 
 
 def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device") if not torch.cuda.is_available() else None
     for item in items:
+        if no_cuda is not None and item.get_closest_marker("gpu"):
+            item.add_marker(no_cuda)
         if (CORPUS_FIXTURES | PROCESS_FIXTURES) & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 

@@ -36,8 +36,9 @@ from .config import TrainConfig
 from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_env, init_distributed, on_main_rank
 from .module import ContrastiveModule, make_loss
 from .optim import make_optimizer, warmup_cosine
-from .params import full_state_dict, gathered_values
+from .params import full_state_dict, master_values
 from .periodic_eval import PeriodicEval
+from .precision import check_precision
 from .run_lock import RunLock
 from .run_log import RunLog
 from .step import contrastive_step
@@ -88,6 +89,7 @@ class _Trainer:
 
         self.cfg, self.info = cfg, info
         self.device = device_for(info)
+        check_precision(cfg.precision, self.device)  # before anything is built: one line if it cannot run here
         self.out = Path(cfg.output_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last, info.is_main, self.device)
         root, tag = self.ckpt.resolve(cfg.resume)  # verified before anything is built; resumed after initialize
@@ -224,12 +226,15 @@ class _Trainer:
         return target
 
     def logged_values(self) -> dict[str, object]:
-        """Temperature and GGeM exponents (gathered: a collective under ZeRO-3, called on all ranks)."""
+        """Temperature and GGeM exponents, from the fp32 master weights (gathered: a collective under
+        ZeRO-3, called on all ranks); on CUDA also the peak memory allocated so far (GiB)."""
         params = [self.module.logit_scale] + ([self.pooler_p] if self.pooler_p is not None else [])
-        values = gathered_values(params, self.cfg.zero_stage)
+        values = master_values(self.engine, params, self.cfg.zero_stage)
         out = {"logit_scale": float(values[0].clamp(max=math.log(100)).exp())}
         if self.pooler_p is not None:
             out["ggem_p"] = [round(float(v), 5) for v in values[1].clamp(min=self.module.model.visual.pooler.p_min)]
+        if self.device.type == "cuda":
+            out["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 3)
         return out
 
     def evaluate(self, log: RunLog) -> float:
