@@ -94,8 +94,13 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(info: DistInfo) -> None:
-    """Create the default process group (also for one process: DeepSpeed expects one)."""
+def init_distributed(info: DistInfo, timeout_s: float = 1800.0) -> None:
+    """Create the default process group (also for one process: DeepSpeed expects one). Every collective
+    times out after ``timeout_s`` (``dist_timeout_s``: :mod:`.lost_peer` names the silent rank); on nccl,
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (unless set) lets torch's watchdog end a process whose
+    collective timed out instead of leaving it blocked."""
+    from datetime import timedelta
+
     import deepspeed
 
     if info.world_size == 1:
@@ -112,7 +117,9 @@ def init_distributed(info: DistInfo) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if info.world_size == 1 and backend == "gloo":
         _skip_shm_comm_op()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
 
 
 def _skip_shm_comm_op() -> None:
