@@ -115,19 +115,37 @@ def init_distributed(info: DistInfo, timeout_s: float = 1800.0) -> None:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if info.world_size == 1 and backend == "gloo":
+    if backend == "gloo":
         _skip_shm_comm_op()
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if info.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_in_attempt_store(info, backend, timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def _init_in_attempt_store(info: DistInfo, backend: str, timeout) -> None:
+    """Under torchrun, the group's rendezvous keys live in the agent's store, which a restarted group
+    (``--max-restarts``) shares with the attempt before it: torch reads the dead attempt's peer
+    addresses there and fails to connect (pytorch/pytorch#135712). Each attempt
+    (``TORCHELASTIC_RESTART_COUNT``, the same on every node of a group restarted together) gets its own
+    key prefix instead; DeepSpeed then adopts the group."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    kwargs = {"device_id": torch.device("cuda", info.local_rank)} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mmrl/attempt_{attempt}", store), rank=info.rank,
+                            world_size=info.world_size, timeout=timeout, **kwargs)
 
 
 def _skip_shm_comm_op() -> None:
-    """One CPU process has no peers to share memory with, but DeepSpeed's CPU backend compiles its
-    shared-memory collectives op in ``init_distributed`` whatever the world size (~30 s on a fresh
-    machine, per virtual environment). Marking the op incompatible makes DeepSpeed use plain
-    torch.distributed, as it does wherever the op cannot be built; DeepSpeed versions without this
-    table are left alone."""
+    """DeepSpeed's CPU backend compiles its shared-memory collectives op in ``init_distributed`` (~30 s
+    on a fresh machine, per virtual environment; every process takes the build folder's lock in turn, and
+    one left waiting there past ``dist_timeout_s`` fails a restarted group's start-up), though only its
+    inference all-reduce uses it: training's collectives are torch.distributed's either way. Marking the op
+    incompatible makes DeepSpeed use plain torch.distributed, as it does wherever the op cannot be built;
+    DeepSpeed versions without this table are left alone."""
     try:
         import deepspeed.ops
 
