@@ -38,10 +38,12 @@ def logged_steps(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_survivor_of_a_killed_rank_exits_with_one_line_naming_it(tmp_path, shards):
-    """Two plain processes (no launcher agent to tear the job down): SIGKILL rank 1 after two steps;
-    rank 0 ends by itself, exit 4, one error line naming rank 1 and the step, within the timeout."""
-    out, timeout_s = tmp_path / "run", 30
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_survivor_of_a_lost_rank_exits_with_one_line_naming_it(tmp_path, shards, sig):
+    """Two plain processes (no launcher agent to tear the job down): after two steps, rank 1 is killed
+    (gloo sees its connection close) or stopped (it never answers); rank 0 ends by itself, exit 4, one
+    error line naming rank 1 and the step, within dist_timeout_s (plus start-up and exit margin)."""
+    out, timeout_s = tmp_path / "run", 20
     port = free_port()
     cmd = train_cmd(shards, out, "max_steps=500", "save_every=1000", f"dist_timeout_s={timeout_s}")
     procs = []
@@ -52,21 +54,26 @@ def test_survivor_of_a_killed_rank_exits_with_one_line_naming_it(tmp_path, shard
             procs.append(subprocess.Popen(cmd, env=rank_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err))
     try:
         wait_for(lambda: logged_steps(out) >= 2, procs, "two logged steps")
-        procs[1].send_signal(signal.SIGKILL)
+        procs[1].send_signal(sig)
         killed = time.time()
         procs[0].wait(timeout=timeout_s + 60)
         took = time.time() - killed
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                p.kill()  # also ends a stopped process
                 p.wait()
     stderr = (tmp_path / "stderr0").read_text()
     assert procs[0].returncode == LOST_PEER, stderr[-3000:]
     assert took < timeout_s + 15, f"rank 0 took {took:.0f} s to end (dist_timeout_s={timeout_s})"
     errors = [line for line in stderr.splitlines() if line.startswith("mmrl train: error:")]
     assert len(errors) == 1, stderr[-3000:]
-    assert errors[0].startswith("mmrl train: error: lost contact with rank 1 (its process ended) during step "), errors
+    if sig == signal.SIGKILL:
+        assert errors[0].startswith("mmrl train: error: lost contact with rank 1 (its process ended) during step ")
+    else:  # a silent peer: only the timeout tells
+        assert took >= timeout_s - 1, f"rank 0 ended {took:.0f} s after rank 1 stopped, before the timeout"
+        assert errors[0].startswith(f"mmrl train: error: no answer from rank 1 within dist_timeout_s={timeout_s} "
+                                    "(its process ended, hangs, or the network failed) during step "), errors
     assert "resume=auto" in errors[0] and "Traceback" not in stderr, stderr[-3000:]
     step = int(errors[0].split("during step ")[1].split(";")[0])
     assert step > 2 and not (out / "summary.json").exists()
