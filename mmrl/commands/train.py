@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,9 +46,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     try:
         summary = train(cfg)
-    except LostPeer as err:  # one line; the process ends even if a thread or loader worker still waits
+    except LostPeer as err:
+        # one line, then out at once: the run folder's lock and the loader were released on the way here, and
+        # no thread, loader worker or process-group teardown waiting on the lost peer may keep the process alive
         print(f"mmrl train: error: {err}", file=sys.stderr, flush=True)
-        return LOST_PEER
+        sys.stdout.flush()
+        os._exit(LOST_PEER)
     if summary.get("stopped_early"):
         print(f"stopped at step {summary['step']} (checkpoint saved; resume with resume=auto)")
         return STOPPED
