@@ -134,7 +134,9 @@ def _init_in_attempt_store(info: DistInfo, backend: str, timeout) -> None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
                           is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    kwargs = {"device_id": torch.device("cuda", info.local_rank)} if backend == "nccl" else {}
+    kwargs = {}
+    if backend == "nccl" and not "2.6.0" < torch.__version__ < "2.7.1":  # as DeepSpeed: device_id hangs there
+        kwargs["device_id"] = torch.device("cuda", info.local_rank)
     dist.init_process_group(backend, store=dist.PrefixStore(f"mmrl/attempt_{attempt}", store), rank=info.rank,
                             world_size=info.world_size, timeout=timeout, **kwargs)
 
