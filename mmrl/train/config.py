@@ -107,6 +107,9 @@ class TrainConfig:
     # engine
     precision: str = "fp32"
     zero_stage: int = 0
+    dist_timeout_s: float = 1800.0       # seconds any collective waits for the other ranks before the run ends
+                                         # naming the silent rank (exit 4); above the longest one-rank pause
+                                         # (a checkpoint save, main-rank evaluation, the model export)
     grad_accum: int = 1
     grad_checkpointing: bool = False
     compile: bool = False                # torch.compile the model through DeepSpeed's engine.compile(); ZeRO 0-2
@@ -146,6 +149,8 @@ class TrainConfig:
         if self.compile_mode is not None and self.compile_backend != "inductor":
             raise ConfigError(f"config key 'compile_mode': needs compile_backend='inductor', "
                               f"not {self.compile_backend!r}")
+        if not 0 < self.dist_timeout_s < float("inf"):
+            raise bad("dist_timeout_s", "a positive number of seconds", self.dist_timeout_s)
         if self.loss not in LOSSES:
             raise bad("loss", " or ".join(LOSSES), self.loss)
         for key in ("batch_size", "grad_accum", "save_every", "keep_last", "log_every"):

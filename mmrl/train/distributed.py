@@ -94,8 +94,13 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(info: DistInfo) -> None:
-    """Create the default process group (also for one process: DeepSpeed expects one)."""
+def init_distributed(info: DistInfo, timeout_s: float = 1800.0) -> None:
+    """Create the default process group (also for one process: DeepSpeed expects one). Every collective
+    times out after ``timeout_s`` (``dist_timeout_s``: :mod:`.lost_peer` names the silent rank); on nccl,
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (unless set) lets torch's watchdog end a process whose
+    collective timed out instead of leaving it blocked."""
+    from datetime import timedelta
+
     import deepspeed
 
     if info.world_size == 1:
@@ -110,17 +115,39 @@ def init_distributed(info: DistInfo) -> None:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if info.world_size == 1 and backend == "gloo":
+    if backend == "gloo":
         _skip_shm_comm_op()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    timeout = timedelta(seconds=timeout_s)
+    if info.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_in_attempt_store(info, backend, timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def _init_in_attempt_store(info: DistInfo, backend: str, timeout) -> None:
+    """Under torchrun, the group's rendezvous keys live in the agent's store, which a restarted group
+    (``--max-restarts``) shares with the attempt before it: torch reads the dead attempt's peer
+    addresses there and fails to connect (pytorch/pytorch#135712). Each attempt
+    (``TORCHELASTIC_RESTART_COUNT``, the same on every node of a group restarted together) gets its own
+    key prefix instead; DeepSpeed then adopts the group."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    kwargs = {}
+    if backend == "nccl" and not "2.6.0" < torch.__version__ < "2.7.1":  # as DeepSpeed: device_id hangs there
+        kwargs["device_id"] = torch.device("cuda", info.local_rank)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mmrl/attempt_{attempt}", store), rank=info.rank,
+                            world_size=info.world_size, timeout=timeout, **kwargs)
 
 
 def _skip_shm_comm_op() -> None:
-    """One CPU process has no peers to share memory with, but DeepSpeed's CPU backend compiles its
-    shared-memory collectives op in ``init_distributed`` whatever the world size (~30 s on a fresh
-    machine, per virtual environment). Marking the op incompatible makes DeepSpeed use plain
-    torch.distributed, as it does wherever the op cannot be built; DeepSpeed versions without this
-    table are left alone."""
+    """DeepSpeed's CPU backend compiles its shared-memory collectives op in ``init_distributed`` (~30 s
+    on a fresh machine, per virtual environment; every process takes the build folder's lock in turn, and
+    one left waiting there past ``dist_timeout_s`` fails a restarted group's start-up), though only its
+    inference all-reduce uses it: training's collectives are torch.distributed's either way. Marking the op
+    incompatible makes DeepSpeed use plain torch.distributed, as it does wherever the op cannot be built;
+    DeepSpeed versions without this table are left alone."""
     try:
         import deepspeed.ops
 

@@ -34,6 +34,7 @@ from ..model import create_model, create_transforms, get_tokenizer, init_from_we
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
 from .distributed import DistInfo, deepspeed_config, device_for, dist_info_from_env, init_distributed, on_main_rank
+from .lost_peer import Peers, watch_peers
 from .module import ContrastiveModule, make_loss
 from .optim import make_optimizer, warmup_cosine
 from .params import full_state_dict, master_values
@@ -88,6 +89,7 @@ class _Trainer:
         import deepspeed
 
         self.cfg, self.info = cfg, info
+        self.doing = "start-up (model broadcast, checkpoint load)"  # named if a peer is lost (.lost_peer)
         self.device = device_for(info)
         check_precision(cfg.precision, self.device)  # before anything is built: one line if it cannot run here
         self.out = Path(cfg.output_dir)
@@ -212,12 +214,14 @@ class _Trainer:
         return contrastive_step(self.engine, self.loss_fn, batches, self.device, self.dtype, stop, seed=seed)
 
     def save(self):
+        self.doing = f"the checkpoint save at step {self.step}"
         client = {"step": self.step, "state": dict(self.state), "skipped": dict(self.loader.skipped)}
         tag = self.ckpt.save(self.engine, self.step, client)
         self.last_saved_step = self.step
         return tag
 
     def export(self) -> Path:
+        self.doing = "the model export"
         state = full_state_dict(self.engine, self.module, self.cfg.zero_stage)
         target = self.out / "model"
         # a full disk: NoSpaceLeft on rank 0, an earlier model kept; the other ranks must not wait for it
@@ -239,6 +243,7 @@ class _Trainer:
 
     def evaluate(self, log: RunLog) -> float:
         """Evaluate the current weights (all ranks); log the ``eval/...`` row. Returns its seconds."""
+        self.doing = f"the evaluation at step {self.step}"
         values = self.evaluator.evaluate(self.step, self.engine, self.dtype, log.message)
         log.record_eval(self.step, values)
         self.last_eval = {"step": self.step, **values}
@@ -262,6 +267,7 @@ class _Trainer:
                 wait = time.time() - t0
                 self.state["micro_batches"] += cfg.grad_accum
                 lr_used = cfg.lr * self.lr_factor(self.scheduler.last_epoch)  # the base lr (groups: x lr_mult)
+                self.doing = f"step {self.step + 1}"
                 loss, stop = self.optimizer_step(batches, stopper.requested)
                 if loss is None:
                     consecutive_bad += 1
@@ -317,15 +323,16 @@ class _Trainer:
 
 
 # keys a resumed run may change (compiling changes no weight or data position)
-_RESUME_FREE = ("resume", "output_dir", "init_from", "init_strict", "compile", "compile_mode", "compile_backend")
+_RESUME_FREE = ("resume", "output_dir", "init_from", "init_strict", "compile", "compile_mode", "compile_backend",
+                "dist_timeout_s")
 _RESUME_FREE_SECTIONS = ("eval.",)  # evaluation never changes training: a resumed run may change it
 
 
 def check_same_run(cfg: TrainConfig) -> None:
     """Refuse (ValueError, one line) when ``cfg.output_dir`` holds checkpoints of a run whose saved
     ``config.yaml`` differs from ``cfg`` (``resume``, ``output_dir`` and ``init_from`` / ``init_strict``
-    aside: a resumed run skips the init; so are ``compile*``, which change no weight, and the ``eval.*``
-    keys: evaluation never changes training) or no longer loads."""
+    aside: a resumed run skips the init; so are ``compile*`` and ``dist_timeout_s``, which change no weight,
+    and the ``eval.*`` keys: evaluation never changes training) or no longer loads."""
     out = Path(cfg.output_dir)
     saved_path, ckpts = out / "config.yaml", out / "checkpoints"
     if not saved_path.is_file() or not ckpts.is_dir() or not any(ckpts.iterdir()):
@@ -368,10 +375,10 @@ def train(cfg: TrainConfig) -> dict[str, object]:
     The main rank holds ``OUTPUT/.mmrl.lock`` for the whole run (:mod:`.run_lock`: a second run
     on the folder refuses), checks that the folder's checkpoints are of this config
     (:func:`check_same_run`), and writes ``OUTPUT/config.yaml`` only once the model, the engine
-    and any resumed checkpoint have loaded."""
+    and any resumed checkpoint have loaded. A rank lost on the way raises :class:`.lost_peer.LostPeer`."""
     info = dist_info_from_env()
     out = Path(cfg.output_dir)
-    lock = None
+    lock, peers, trainer = None, None, None
     if info.is_main:
         lock = RunLock(out).acquire()
     try:
@@ -379,11 +386,13 @@ def train(cfg: TrainConfig) -> dict[str, object]:
             print(f"mmrl train: {lock.took_over}", file=sys.stderr, flush=True)
         if info.is_main:
             check_same_run(cfg)
-        init_distributed(info)
-        trainer = _Trainer(cfg, info)
-        if info.is_main:
-            save_config(cfg, out / "config.yaml")
-        return trainer.run()
+        init_distributed(info, cfg.dist_timeout_s)
+        with watch_peers(lambda: peers, lambda: trainer.doing if trainer else "start-up", cfg.dist_timeout_s):
+            peers = Peers.gather(info.rank, info.world_size)
+            trainer = _Trainer(cfg, info)
+            if info.is_main:
+                save_config(cfg, out / "config.yaml")
+            return trainer.run()
     finally:
         if lock is not None:
             lock.release()
