@@ -233,7 +233,7 @@ def test_trainer_builds_the_model_with_the_rate(tmp_path, monkeypatch):
         raise Built  # the rest of the trainer (data, DeepSpeed) is not this test's business
 
     monkeypatch.setattr(trainer_module, "create_model", create_model)
-    monkeypatch.setattr(trainer_module, "init_distributed", lambda info: None)
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda info, timeout_s=None: None)
     cfg = load_config(TrainConfig, None, ["data.train=x.tar", "max_steps=1", "patch_dropout=0.25",
                                           f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(Built):
