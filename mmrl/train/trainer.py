@@ -380,6 +380,8 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         if info.is_main:
             check_same_run(cfg)
         init_distributed(info)
+        if info.is_main and info.world_size > 1:
+            print(f"mmrl train: {info.describe()}", file=sys.stderr, flush=True)
         trainer = _Trainer(cfg, info)
         if info.is_main:
             save_config(cfg, out / "config.yaml")
