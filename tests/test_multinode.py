@@ -142,6 +142,8 @@ def test_the_sbatch_script_trains_on_two_slurm_tasks(tmp_path):
     """configs/slurm/train.sbatch, run by bash on each of two SLURM tasks with ``srun`` a function that
     runs its command: one job of two ranks that rendezvous where SLURM's variables say and train
     (the update itself is compared with one process above)."""
+    launch = [line for line in SBATCH.read_text().splitlines() if line.startswith("srun ")]
+    assert len(launch) == 1 and launch[0].split()[1:5] == ["python", "-m", "mmrl", "train"], launch
     shards = shape_shards(tmp_path, 64, 16)
     job = free_job_id()
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])  # `python` is this one
