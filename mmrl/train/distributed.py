@@ -64,7 +64,7 @@ class DistInfo:
     local_rank: int = 0
     node: int = 0            # this process's node (torchrun's GROUP_RANK, SLURM_NODEID, DeepSpeed's CROSS_RANK)
     nodes: int = 1
-    launcher: str = ""       # "torchrun", "deepspeed", "slurm" or "" (one process)
+    launcher: str = ""       # "torchrun", "deepspeed", "slurm", "env" (RANK/WORLD_SIZE set by hand), "": one process
 
     @property
     def is_main(self) -> bool:
