@@ -108,18 +108,26 @@ def test_two_process_zero2_training_run(tmp_path, shards):
     assert (out / "config.yaml").is_file() and list((out / "tensorboard").iterdir())
 
 
-@pytest.fixture(scope="module")
-def step_results(tmp_path_factory):
-    """One optimizer step on the same global batch of 16 in several engine configurations."""
-    tmp = tmp_path_factory.mktemp("steps")
+def save_step_batch(path: Path) -> None:
+    """The fixed global batch of 16 that tests/helpers/train_step_worker.py steps on."""
     g = torch.Generator().manual_seed(0)
     tokenizer = mmrl.get_tokenizer("mmrl-vit-tiny-p8-64")
     captions = [f"a {c} {s} number {i}" for i, (c, s) in enumerate(zip(list(COLORS) * 4, SHAPES * 6))]
     # groups: positives within a rank's half (0, 1), across the halves (2, 3) and singletons
     groups = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 2, 3, 6, 7, 1, 8, 9, 9])
     torch.save({"image": torch.randn(16, 3, 64, 64, generator=g), "text": tokenizer(captions[:16]), "group": groups},
-               tmp / "batch.pt")
-    worker = str(ROOT / "tests" / "helpers" / "train_step_worker.py")
+               path)
+
+
+STEP_WORKER = str(ROOT / "tests" / "helpers" / "train_step_worker.py")
+
+
+@pytest.fixture(scope="module")
+def step_results(tmp_path_factory):
+    """One optimizer step on the same global batch of 16 in several engine configurations."""
+    tmp = tmp_path_factory.mktemp("steps")
+    save_step_batch(tmp / "batch.pt")
+    worker = STEP_WORKER
     run(torchrun(1, worker, str(tmp / "batch.pt"), str(tmp), "global:0:1", "accum:0:2", "nan1:0:1:nan",
                  "sig_global:0:1:siglip",
                  "grp_global:0:1:group", "grp_accum:0:2:group", "stem_global:0:1:stem", "pstem_global:0:1:pstem"))

@@ -1,8 +1,9 @@
 """Process group set-up and the in-memory DeepSpeed config.
 
 Launchers: none (one process), ``torchrun``, the ``deepspeed`` launcher (both set ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) or SLURM (``SLURM_PROCID``,
-``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` from the first host of the job). The backend
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) or SLURM's ``srun`` (``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_NODEID``; ``MASTER_ADDR`` the first host of
+``SLURM_JOB_NODELIST``, ``MASTER_PORT`` from ``SLURM_JOB_ID``: :mod:`.slurm`). The backend
 is nccl when CUDA is available, gloo otherwise (one CPU process skips DeepSpeed's shared-memory
 op, which it would compile for nothing). The DeepSpeed config is a dict handed to
 ``deepspeed.initialize``; nothing is written to the working directory.
@@ -10,7 +11,6 @@ op, which it would compile for nothing). The DeepSpeed config is a dict handed t
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig
+from .slurm import slurm_task
 
 __all__ = ["DistInfo", "dist_info_from_env", "init_distributed", "deepspeed_config", "device_for",
            "worst_on_any_rank", "on_main_rank", "OtherRankFailed"]
@@ -61,30 +62,41 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    node: int = 0            # this process's node (torchrun's GROUP_RANK, SLURM_NODEID, DeepSpeed's CROSS_RANK)
+    nodes: int = 1
+    launcher: str = ""       # "torchrun", "deepspeed", "slurm", "env" (RANK/WORLD_SIZE set by hand), "": one process
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def describe(self) -> str:
+        """``"2 processes on 2 nodes (slurm; rendezvous 127.0.0.1:11234)"``, for the start of a run's output."""
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return (f"{self.world_size} process{'es' * (self.world_size != 1)} on {self.nodes} "
+                f"node{'s' * (self.nodes != 1)} ({self.launcher or 'no launcher'}; rendezvous {where})")
+
 
 def dist_info_from_env() -> DistInfo:
+    """This process's place in the job: from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun, DeepSpeed's
+    launcher) or else from a SLURM task's variables (:func:`mmrl.train.slurm.slurm_task`, which also sets
+    those for torch.distributed, with ``MASTER_ADDR``/``PORT``); one process otherwise. An inconsistent
+    SLURM environment is a ``ValueError`` naming the variables."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        info = DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-        os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
-        if "MASTER_ADDR" not in env:
-            nodes = env.get("SLURM_JOB_NODELIST", "localhost")
-            try:
-                first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                       check=True).stdout.split()[0]
-            except (OSError, subprocess.CalledProcessError, IndexError):
-                first = nodes.split(",")[0]
-            os.environ["MASTER_ADDR"] = first
-        os.environ.setdefault("MASTER_PORT", "29500")
-        return info
-    return DistInfo()
+    launched = "RANK" in env and "WORLD_SIZE" in env
+    from_slurm = (env.get("SLURM_PROCID"), env.get("SLURM_NTASKS")) == (env.get("RANK"), env.get("WORLD_SIZE"))
+    if launched and ("GROUP_RANK" in env or "CROSS_RANK" in env or not from_slurm):
+        torchrun = "GROUP_RANK" in env
+        node, nodes = ("GROUP_RANK", "GROUP_WORLD_SIZE") if torchrun else ("CROSS_RANK", "CROSS_SIZE")
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        int(env.get(node, 0)), int(env.get(nodes, 1)),
+                        "torchrun" if torchrun else "deepspeed" if "CROSS_RANK" in env else "env")
+    # not launched, or launched by an earlier call here: RANK and WORLD_SIZE are the SLURM task's own
+    task = slurm_task({k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")})
+    if task is None:
+        return DistInfo()
+    os.environ.update(task.launch_env())
+    return DistInfo(task.rank, task.world_size, task.local_rank, task.node, task.nodes, "slurm")
 
 
 def device_for(info: DistInfo) -> torch.device:

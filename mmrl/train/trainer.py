@@ -387,6 +387,8 @@ def train(cfg: TrainConfig) -> dict[str, object]:
         if info.is_main:
             check_same_run(cfg)
         init_distributed(info, cfg.dist_timeout_s)
+        if info.is_main and info.world_size > 1:
+            print(f"mmrl train: {info.describe()}", file=sys.stderr, flush=True)
         with watch_peers(lambda: peers, lambda: trainer.doing if trainer else "start-up", cfg.dist_timeout_s):
             peers = Peers.gather(info.rank, info.world_size)
             trainer = _Trainer(cfg, info)

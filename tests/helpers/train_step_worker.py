@@ -1,12 +1,15 @@
 """Launched by tests/test_train.py with torchrun: one optimizer step of the real engine
 (ContrastiveModule + DeepSpeed + contrastive_step) on a fixed global batch, for several
-configurations; rank 0 saves the consolidated parameters and the global loss of each.
+configurations; rank 0 saves the consolidated parameters and the global loss of each, and every
+rank's DistInfo with the MASTER_ADDR / MASTER_PORT it used (tests/test_multinode.py: torchrun per
+node, SLURM's variables).
 
 usage: torchrun --nproc_per_node N train_step_worker.py BATCH.pt OUT_DIR VARIANT [VARIANT ...]
 VARIANT = name:zero_stage:grad_accum[:nan][:siglip][:group][:stem][:pstem]
 (group: the batch's group ids go to the grouped CLIP loss with its image-image term;
 stem: the tower has a GroupNorm conv stem; pstem: a pretrained EfficientNet-Lite0 stem, locked but for its last stage)
 """
+import dataclasses
 import os
 import sys
 
@@ -69,8 +72,13 @@ def main():
             dist.all_reduce(global_loss)
             global_loss /= info.world_size
         state = full_state_dict(engine, module, zero)
+        # each rank's place in the job and its rendezvous, as it derived them (plain types: weights_only loads)
+        ranks = [{**dataclasses.asdict(info), "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"}]
+        if info.world_size > 1:
+            ranks = ranks * info.world_size
+            dist.all_gather_object(ranks, ranks[info.rank])
         if info.rank == 0:
-            torch.save({"loss": float(global_loss), "skipped": loss is None, "state": state},
+            torch.save({"loss": float(global_loss), "skipped": loss is None, "state": state, "ranks": ranks},
                        os.path.join(out_dir, f"{name}.pt"))
         del engine
     dist.barrier()
