@@ -29,8 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if no_cuda is not None and item.get_closest_marker("gpu"):
             item.add_marker(no_cuda)
-        if (CORPUS_FIXTURES | PROCESS_FIXTURES) & set(getattr(item, "fixturenames", ())):
+        uses = set(getattr(item, "fixturenames", ()))
+        if (CORPUS_FIXTURES | PROCESS_FIXTURES) & uses:
             item.add_marker(pytest.mark.slow)
+        # under pytest-xdist --dist loadgroup (make test): a module's tests stay on one worker (its
+        # module fixtures are built once) and so do all the corpus users (the corpora: once a session)
+        group = "corpora" if CORPUS_FIXTURES & uses else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ Every test runs under an alarm guard: a loader that hangs fails the test instead
 import io
 import json
 import os
-import signal
 import tarfile
 from collections import Counter
 
@@ -18,6 +17,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import mmrl
+from helpers.guards import fail_after
 from helpers.loader_batches import take_batches
 from mmrl.data.batching import decode_image, inception_crop_box, plan_transform, sample_caption
 from mmrl.data.loader import LoaderConfig, epoch_sizing, make_train_loader, parse_sources
@@ -30,13 +30,8 @@ MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.2757
 @pytest.fixture(autouse=True)
 def hang_guard():
     """Fail (not block) when a test runs longer than GUARD_S seconds."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded {GUARD_S} s: the loader hangs")
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, GUARD_S)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
+    with fail_after(GUARD_S, "the loader hangs"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-from test_train import ROOT, TINY, env, free_port, read_log, run, shape_shards, torchrun, train_cmd
+from test_train import (
+    ROOT,
+    TINY,
+    assert_same_exported_weights,
+    env,
+    free_port,
+    read_log,
+    run,
+    shape_shards,
+    torchrun,
+    train_cmd,
+)
 
 from mmrl.config import ConfigError, load_config
 from mmrl.train import TrainConfig
@@ -107,11 +116,7 @@ def test_torchrun_restart_resumes_and_ends_with_the_uninterrupted_weights(tmp_pa
     assert resumed in (tmp_path / "stdout").read_text(), stderr[-4000:]
     steps = [row["step"] for row in read_log(out)]
     assert steps[-1] == 6 and 3 in steps
-    whole = load_file(tmp_path / "whole" / "model" / "open_clip_model.safetensors")
-    again = load_file(out / "model" / "open_clip_model.safetensors")
-    assert whole.keys() == again.keys()
-    different = [k for k in whole if not torch.equal(whole[k], again[k])]
-    assert not different, f"the restarted run differs in {different[:5]}"
+    assert_same_exported_weights(tmp_path / "whole", out, "the restarted run")
 
 
 def rank_1_worker(agent_pid: int) -> int:

@@ -158,3 +158,13 @@ def test_the_sbatch_script_trains_on_two_slurm_tasks(tmp_path):
     assert [row["step"] for row in log] == [1, 2] and all(np.isfinite(row["loss"]) for row in log)
     assert len(list((tmp_path / "run" / "checkpoints" / "step_00000002").glob("*optim_states.pt"))) == 2  # 2 ranks
     assert (tmp_path / "run" / "model" / "open_clip_model.safetensors").is_file()
+
+
+def test_the_readme_shows_the_tested_sbatch_script():
+    """The README's SLURM block is configs/slurm/train.sbatch line for line, its comment lines aside."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```bash\n#!/bin/bash\n") + len("```bash\n")
+    shown = readme[start:readme.index("```", start)].splitlines()
+    script = [line for line in SBATCH.read_text().splitlines()
+              if line.strip() and not (line.startswith("#") and not line.startswith(("#!", "#SBATCH")))]
+    assert shown == script

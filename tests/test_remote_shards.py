@@ -7,7 +7,6 @@ the test instead of blocking it.
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +21,7 @@ from test_loader import simple_dataset, train_transform
 from test_train import ROOT, TINY, env, read_log, shape_shards
 
 import mmrl
+from helpers.guards import fail_after
 from mmrl.config import ConfigError, load_config
 from mmrl.data.caption_index import shard_captions
 from mmrl.data.check import expand_shards
@@ -36,13 +36,9 @@ HELD_S = 30  # a stalled response is held open at most this long (the finalizer 
 
 @pytest.fixture(autouse=True)
 def hang_guard():
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded {GUARD_S} s: a stream hangs")
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, GUARD_S)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
+    """Fail (not block) when a test runs longer than GUARD_S seconds."""
+    with fail_after(GUARD_S, "a stream hangs"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -122,11 +122,16 @@ def test_inconsistent_slurm_environment_is_one_error_naming_it(env, message):
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """No launcher variables; afterwards the environment is restored whole: dist_info_from_env sets
+    RANK, MASTER_ADDR, ... itself, and those must not reach later tests' subprocesses."""
+    saved = dict(os.environ)
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         monkeypatch.delenv(name)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_dist_info_from_slurm_sets_torch_distributed_variables(clean_env):

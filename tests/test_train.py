@@ -221,6 +221,15 @@ def test_nonfinite_loss_skips_the_step_on_every_rank(step_results, variant):
     assert all(torch.equal(start[k], res["state"][k]) for k in start)
 
 
+def assert_same_exported_weights(a: Path, b: Path, what: str) -> None:
+    """The models two runs exported (``RUN/model``) hold bit-identical tensors."""
+    whole = load_file(a / "model" / "open_clip_model.safetensors")
+    again = load_file(b / "model" / "open_clip_model.safetensors")
+    assert whole.keys() == again.keys()
+    different = [k for k in whole if not torch.equal(whole[k], again[k])]
+    assert not different, f"{what} differs in {different[:5]}"
+
+
 def train_cmd(shards, out, *extra):
     return [sys.executable, "-m", "mmrl", "train", TINY, f"data.train={shards}", "batch_size=8", "workers=1",
             "lr=1e-3", "warmup_steps=2", "log_every=1", f"output_dir={out}", *extra]
@@ -245,11 +254,7 @@ def test_exact_resume_after_sigkill(tmp_path, shards):
     assert "resumed from" in resumed.stderr + resumed.stdout
     steps = [row["step"] for row in read_log(out)]
     assert steps[-1] == 8 and 3 in steps
-    whole = load_file(tmp_path / "whole" / "model" / "open_clip_model.safetensors")
-    again = load_file(out / "model" / "open_clip_model.safetensors")
-    assert whole.keys() == again.keys()
-    different = [k for k in whole if not torch.equal(whole[k], again[k])]
-    assert not different, f"resumed run differs in {different[:5]}"
+    assert_same_exported_weights(tmp_path / "whole", out, "the resumed run")
 
 
 @pytest.mark.slow

@@ -6,29 +6,17 @@ from typing import Any
 
 import torch
 
+from ..figures import pyplot, save_png
+
 __all__ = ["plot_exponents", "plot_dependence", "plot_activation_maps", "plot_amplification"]
 
 
 def _pyplot():
-    from ..deps import require
-
-    matplotlib = require("matplotlib", feature="drawing mmrl analyze's plots")
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("drawing mmrl analyze's plots")
 
 
 def _save(fig, path: Path) -> Path:
-    import io
-
-    from ..fileio import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return save_png(fig, path, dpi=100)
 
 
 def plot_exponents(exponents: dict[str, Any], path: Path) -> Path:

@@ -11,8 +11,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..deps import require
-from ..fileio import atomic_write_bytes
+from ..figures import pyplot, save_png
 
 __all__ = ["read_log", "plot_loss", "plot_pooling_p", "plot_recalls", "plot_study"]
 
@@ -20,21 +19,11 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def _pyplot():
-    matplotlib = require("matplotlib", feature="drawing the demo report's plots")  # the demo extra's
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("drawing the demo report's plots")  # the demo extra's
 
 
 def _save(fig, path: Path) -> Path:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return save_png(fig, path, dpi=110)
 
 
 def read_log(path: Path) -> list[dict]:
