@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# the full suite (CI's command)
+# the full suite (CI's command), in two pytest-xdist workers of one intra-op thread each: a test
+# module stays on one worker, and so do all the tests of the prepared corpora (tests/conftest.py)
 test: install
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 # everything but the tests marked slow (multi-process, demo, corpus-preparing), in two worker
 # processes of one intra-op thread each: about a minute on 2 cores
