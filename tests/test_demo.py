@@ -188,6 +188,13 @@ def test_study_table_plot_and_verdict(tmp_path, corpora, emoji, tuxpaint, fashio
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
     text = (out / "study.md").read_text()
     assert "## Verdict" in text and "ggem vs avg:" in text and "## Runtime" in text
+    # each trained model analysed on the held-out Twemoji images: its own pooling's head-wise dependence
+    assert "## Head-wise dependence" in text
+    for pool in ("avg", "ggem"):
+        assert re.search(rf"\| {pool} \| [-\d.]+ ± [\d.]+ \| [-\d.]+ ± [\d.]+ \| 2 \|", text), text
+    assert re.search(r"- HSIC[^:]*: ggem's head-wise dependence \([-\d.]+ ± [\d.]+\) is (not )?lower", text), text
+    for run in study["runs"]:
+        assert (out / run / "analysis" / "analysis.json").is_file()
     for metric, per in study["stats"].items():
         assert set(per) == {"avg", "ggem"} and all(s["n"] == 2 and math.isfinite(s["mean"]) for s in per.values())
 
