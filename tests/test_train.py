@@ -258,17 +258,25 @@ def test_exact_resume_after_sigkill(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, shards, to):
+    """SIGTERM to the trainer alone (``kill PID``), or to its whole process group, loader workers
+    included, as SLURM's scancel / time limit and torchrun's teardown send it: the same clean stop."""
     out = tmp_path / "term"
-    proc = subprocess.Popen(train_cmd(shards, out, "max_steps=500", "save_every=1000"), env=env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_cmd(shards, out, "max_steps=500", "save_every=1000", "workers=2"), env=env(),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 300
     while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr[-3000:]  # stopped, not finished: `mmrl train && mmrl eval` stops here
+    assert "Traceback" not in stderr, stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] and 2 <= summary["step"] < 500
     assert (out / "checkpoints" / "latest").read_text() == f"step_{summary['step']:08d}"

@@ -63,6 +63,7 @@ import logging
 import math
 import multiprocessing as mp
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LoaderConfig", "TrainLoader", "make_train_loader", "ShardSource", "parse_sources", "shard_weights", "epoch_sizing",
-    "epoch_bounds",
+    "epoch_bounds", "leave_stop_signals_to_the_trainer",
     "LoaderStallError",
 ]
 
@@ -229,6 +230,14 @@ class TrainStream(IterableDataset):
 # --------------------------------------------------------------------------------------------
 # the loader the trainer uses
 # --------------------------------------------------------------------------------------------
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGINT: SLURM (scancel, a time limit, preemption) and torchrun's
+    teardown signal every process of a task, and a worker ended by them would fail the trainer's next batch
+    before it can save its checkpoint. The trainer stops on the signal and ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Iterable over the training batches of one rank (format: :class:`BatchBuilder`).
 
@@ -250,7 +259,8 @@ class TrainLoader:
         self._window = window
         kwargs = dict(batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=cfg.pin_memory)
         if cfg.workers > 0:
-            kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor, timeout=cfg.timeout)
+            kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor, timeout=cfg.timeout,
+                          worker_init_fn=leave_stop_signals_to_the_trainer)
         self.dataloader = DataLoader(stream, **kwargs)
 
     @property
