@@ -197,17 +197,16 @@ class ShardErrorHandler:
         return True
 
 
-def _opened(url: str, timeout: float, handler: ShardErrorHandler, into: list[dict]) -> Iterator[dict]:
+def _opened(url: str, timeout: float, handler: ShardErrorHandler) -> Iterator[dict]:
     """Shard ``url`` opened (:func:`mmrl.data.remote.open_shard`) as webdataset's ``{"url", "stream"}``
-    dict, also appended to ``into``; nothing when it cannot be opened (the error goes to ``handler``)."""
+    dict, the stream kept as ``handler.stream``; nothing when it cannot be opened (the error goes to
+    ``handler``)."""
     try:
-        source = {"url": url, "stream": open_shard(url, timeout)}
+        handler.stream = open_shard(url, timeout)
     except Exception as exn:  # any opening failure makes the shard bad, never the stream
         handler(exn)
         return
-    into.append(source)
-    handler.stream = source["stream"]
-    yield source
+    yield {"url": url, "stream": handler.stream}
 
 
 def shard_samples(url: str, stats: StreamStats, timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict]:
@@ -219,8 +218,7 @@ def shard_samples(url: str, stats: StreamStats, timeout: float = DEFAULT_TIMEOUT
     ``timeout`` seconds for data is one (:mod:`mmrl.data.remote`).
     """
     handler = ShardErrorHandler(stats, url)
-    opened: list[dict] = []  # webdataset never closes the file it opens: closed below
-    files = tar_file_expander(_opened(url, timeout, handler, opened), handler=handler, eof_value=None)
+    files = tar_file_expander(_opened(url, timeout, handler), handler=handler, eof_value=None)
     n = 0
     current: dict | None = None
     try:
@@ -240,9 +238,9 @@ def shard_samples(url: str, stats: StreamStats, timeout: float = DEFAULT_TIMEOUT
             current[ext] = item["data"]
     finally:  # also when the consumer stops early (the generator is closed)
         files.close()
-        for source in opened:
+        if handler.stream is not None:  # webdataset never closes the stream it reads
             with contextlib.suppress(Exception):  # a pipe: URL's exit status after an early stop is no error
-                source["stream"].close()
+                handler.stream.close()
     failure = getattr(handler.stream, "failure", None)
     if failure is not None:  # a remote stream that ended early where tarfile saw a clean end
         handler(failure)
