@@ -13,6 +13,8 @@ import os
 import tarfile
 from collections.abc import Sequence
 
+from .remote import is_remote
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ShardFileError", "shard_problem", "check_shards"]
@@ -28,7 +30,7 @@ class ShardFileError(ValueError):
 
 def _local(url: str) -> str | None:
     path = url[len("file:"):] if url.startswith("file:") else url
-    return None if "://" in path or path.startswith("pipe:") else path
+    return None if is_remote(path) else path
 
 
 def shard_problem(url: str, empty_tar: bool = True) -> str | None:
